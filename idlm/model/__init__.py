@@ -1,0 +1,8 @@
+"""Model package: config, decoder, RoPE, weight loading."""
+
+from .config import ModelConfig, UnsupportedModelError
+from .decoder import Decoder, KVCache
+from .loading import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_folder, load_model
+
+__all__ = ["DEFAULT_MODEL", "Decoder", "KVCache", "LoadedModel", "ModelConfig", "ModelLoadError",
+           "UnsupportedModelError", "load_folder", "load_model"]

