@@ -21,13 +21,13 @@ def inv_freq_and_scale(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     if kind == "linear":
         return inv / float(s["factor"]), 1.0
     if kind == "llama3":
-        return _llama3(inv, s), 1.0
+        return _llama3(inv, s, cfg.max_position_embeddings), 1.0
     return _yarn(cfg, s)
 
 
-def _llama3(inv: torch.Tensor, s: dict) -> torch.Tensor:
+def _llama3(inv: torch.Tensor, s: dict, max_positions: int) -> torch.Tensor:
     factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
-    orig = float(s["original_max_position_embeddings"])
+    orig = float(s.get("original_max_position_embeddings") or max_positions)  # HF's default
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > orig / low, inv / factor, inv)
     smooth = (orig / wavelen - low) / (high - low)

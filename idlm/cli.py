@@ -1,0 +1,118 @@
+"""The ``idlm`` command: argv -> one typed function per subcommand. No logic lives here.
+
+Bad input (unknown model, unsupported architecture, out-of-range settings, empty prompt) prints one
+``idlm: error: ...`` line and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Raised for bad user input; printed as one line, exit status 2."""
+
+
+def _float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if math.isnan(v) or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {s!r}")
+    return v
+
+
+def _add_model_args(p: argparse.ArgumentParser, dtype_default: str) -> None:
+    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help="model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=dtype_default,
+                   help=f"weight/activation dtype (default {dtype_default}); greedy ISD == AR is guaranteed in fp32, "
+                        "bf16 may flip near-ties (see README)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--temperature", type=_float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=_float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="RNG seed for sampling")
+    p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"generated token cap (default {max_new})")
+
+
+def _add_isd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stride", type=int, default=3, help="ISD stride N in 2..8: tokens a forward can commit (default 3)")
+    p.add_argument("--pad-windows", action="store_true",
+                   help="pad every ISD window to 2N-1 slots like the GPU reference (wasted work on CPU)")
+    p.add_argument("--sampling-mode", choices=("exact", "reference"), default="exact",
+                   help="exact: sampled drafts + speculative-sampling test, output distributed exactly as AR "
+                        "sampling (default); reference: argmax drafts as in the reference system (approximate)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models: decode several "
+                                 "tokens per forward with Introspective Strided Decoding (ISD).")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="decode one prompt with ISD or AR and print text + stats",
+                       description="Decode one prompt and print the text and decoding stats.")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--mode", choices=("isd", "ar"), default="isd", help="decoder (default isd)")
+    _add_isd_args(g)
+    _add_sampling_args(g, 256)
+    _add_model_args(g, "bf16")
+    g.add_argument("--json", action="store_true", help="end with one JSON line of text and stats")
+
+    v = sub.add_parser("verify", help="check greedy ISD == greedy AR on built-in prompts",
+                       description="Run greedy ISD and greedy AR on K built-in chat prompts; the last line is the "
+                                   "fraction of identical outputs. Exit status 1 unless it is 1.0.")
+    v.add_argument("--stride", type=int, default=3, help="ISD stride N in 2..8 (default 3)")
+    v.add_argument("--prompts", type=int, default=4, help="number of built-in prompts (default 4, max 16)")
+    v.add_argument("--max-new-tokens", type=int, default=128, help="tokens per prompt (default 128)")
+    v.add_argument("--pad-windows", action="store_true", help="pad windows to 2N-1 slots")
+    _add_model_args(v, "fp32")
+
+    b = sub.add_parser("bench", help="tokens/s and TPF of our AR, our ISD and HF generate on the same prompts",
+                       description="Decode the same prompts sequentially with each mode; print a table, then one "
+                                   "JSON line {\"results\": [...]}. Default prompts: the first K GSM8K test questions "
+                                   "as chat prompts.")
+    b.add_argument("--modes", default="ar,isd,hf", help="comma list of ar, isd, hf (default ar,isd,hf)")
+    b.add_argument("--stride", default="3", help="ISD stride, or a comma list such as 2,3,4,5 (default 3)")
+    b.add_argument("--prompts", type=int, default=4, help="number of prompts (default 4)")
+    b.add_argument("--prompt-file", default=None, help="prompts file (one per line or JSONL with 'prompt')")
+    b.add_argument("--max-new-tokens", type=int, default=256, help="tokens per prompt (default 256)")
+    b.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    b.add_argument("--pad-windows", action="store_true", help="pad windows to 2N-1 slots")
+    b.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
+    _add_model_args(b, "bf16")
+
+    d = sub.add_parser("demo", help="the quick-start job: a few chat prompts with ISD and AR side by side")
+    d.add_argument("--stride", type=int, default=3, help="ISD stride N (default 3)")
+    d.add_argument("--max-new-tokens", type=int, default=96, help="tokens per prompt (default 96)")
+    _add_model_args(d, "bf16")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import commands  # heavy imports (torch) only after argv parsed, so --help is instant
+
+    try:
+        return commands.dispatch(args)
+    except KeyboardInterrupt:
+        print("idlm: interrupted", file=sys.stderr)
+        return 130
+    except commands.USER_ERRORS as e:
+        print(f"idlm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

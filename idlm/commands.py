@@ -1,0 +1,181 @@
+"""One function per CLI subcommand: load the model, tokenize, run, print. Printing lives here;
+algorithms live in decode/ and eval/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .config import ConfigError, DecodeConfig, SamplingParams
+from .model import LoadedModel, ModelLoadError, UnsupportedModelError, load_model
+
+USER_ERRORS = (ConfigError, ModelLoadError, UnsupportedModelError, FileNotFoundError)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _setup(args: argparse.Namespace) -> LoadedModel:
+    threads = args.threads or os.cpu_count() or 1
+    if threads < 1:
+        raise ConfigError("--threads must be >= 1")
+    torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    return load_model(args.model, dtype=DTYPES[args.dtype])
+
+
+def _sampling(args: argparse.Namespace, **over) -> SamplingParams:
+    kw = dict(temperature=getattr(args, "temperature", 0.0), top_p=getattr(args, "top_p", 1.0),
+              top_k=getattr(args, "top_k", 0), seed=getattr(args, "seed", None),
+              max_new_tokens=args.max_new_tokens)
+    kw.update(over)
+    return SamplingParams(**kw)
+
+
+def _decode_cfg(args: argparse.Namespace, stride: int, mode: str = "isd") -> DecodeConfig:
+    return DecodeConfig(mode=mode, stride=stride, pad_windows=getattr(args, "pad_windows", False),
+                        sampling_mode=getattr(args, "sampling_mode", "exact"))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .decode import generate
+    from .eval.prompts import encode
+
+    if not args.prompt.strip():
+        raise ConfigError("--prompt is empty")
+    params = _sampling(args)
+    cfg = _decode_cfg(args, args.stride, args.mode)
+    lm = _setup(args)
+    tok = lm.tokenizer()
+    ids = encode(tok, args.prompt, args.chat)
+    if not ids:
+        raise ConfigError("--prompt encodes to no tokens")
+    out = generate(lm.model, ids, cfg, params)
+    text = tok.decode(out.tokens, skip_special_tokens=True)
+    s = out.stats
+    print(text)
+    acc = " ".join(f"{a:.2f}" for a in s.acceptance_at) or "-"
+    print(f"[{cfg.mode} N={cfg.stride if cfg.mode == 'isd' else 1}] {s.tokens} tokens, {s.forwards} forwards, "
+          f"TPF {s.tpf:.2f}, {s.tokens_per_s:.1f} tok/s, acceptance by draft position {acc}, "
+          f"rejects {s.rejects}, cold steps {s.cold_steps}, finish {out.finish_reason}", file=sys.stderr)
+    if args.json:
+        rec = {"text": text, "tokens": s.tokens, "forwards": s.forwards, "tpf": round(s.tpf, 4),
+               "tokens_per_s": round(s.tokens_per_s, 3), "mode": cfg.mode,
+               "stride": cfg.stride if cfg.mode == "isd" else 1, "finish_reason": out.finish_reason,
+               "model": lm.name, "dtype": args.dtype, "stats": s.to_dict()}
+        print(json.dumps(rec))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .eval.bench import run_ours
+    from .eval.prompts import BUILTIN_PROMPTS, encode
+
+    if not 1 <= args.prompts <= len(BUILTIN_PROMPTS):
+        raise ConfigError(f"--prompts must be in 1..{len(BUILTIN_PROMPTS)}")
+    params = _sampling(args)
+    cfg = _decode_cfg(args, args.stride)
+    lm = _setup(args)
+    tok = lm.tokenizer()
+    prompts = [encode(tok, p, chat=True) for p in BUILTIN_PROMPTS[: args.prompts]]
+    ar = run_ours(lm, prompts, DecodeConfig(mode="ar"), params, "ar")
+    isd = run_ours(lm, prompts, cfg, params, f"isd N={cfg.stride}")
+    same = 0
+    for i, (a, b) in enumerate(zip(ar.outputs, isd.outputs)):
+        first = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if a == b:
+            same += 1
+            print(f"prompt {i}: identical ({len(a)} tokens)")
+        else:
+            print(f"prompt {i}: DIFFERENT at token {first if first is not None else min(len(a), len(b))}")
+    print(f"ISD N={cfg.stride} TPF {isd.tpf:.3f}, dtype {args.dtype}")
+    frac = same / len(prompts)
+    print(f"{frac:.4g}")
+    return 0 if same == len(prompts) else 1
+
+
+def _strides(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--stride must be an integer or a comma list of integers, got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .eval.bench import run_hf, run_ours
+    from .eval.prompts import encode, gsm8k_questions, read_prompt_file
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("ar", "isd", "hf")]
+    if bad or not modes:
+        raise ConfigError(f"--modes takes a comma list of ar, isd, hf; got {args.modes!r}")
+    if args.prompts < 1:
+        raise ConfigError("--prompts must be >= 1")
+    strides = _strides(args.stride)
+    cfgs = [_decode_cfg(args, n) for n in strides]  # validates each stride
+    params = _sampling(args, ignore_eos=args.ignore_eos)
+    texts = read_prompt_file(args.prompt_file)[: args.prompts] if args.prompt_file else gsm8k_questions(args.prompts)
+    lm = _setup(args)
+    tok = lm.tokenizer()
+    prompts = [encode(tok, t, chat=True) for t in texts]
+    results = []
+    for m in modes:
+        if m == "ar":
+            results.append(run_ours(lm, prompts, DecodeConfig(mode="ar"), params, "ar"))
+        elif m == "isd":
+            results += [run_ours(lm, prompts, c, params, f"isd N={c.stride}") for c in cfgs]
+        else:
+            results.append(run_hf(lm, prompts, params, DTYPES[args.dtype]))
+    ar = next((r for r in results if r.mode == "ar"), None)
+    print(f"{len(prompts)} prompts, max {params.max_new_tokens} new tokens, dtype {args.dtype}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'mode':<6}{'N':>3}{'tokens':>8}{'forwards':>10}{'TPF':>7}{'tok/s':>9}{'vs ar':>7}  same as ar")
+    for r in results:
+        rel = f"{r.tokens_per_s / ar.tokens_per_s:.2f}x" if ar and ar.tokens_per_s else "-"
+        same = "-" if not ar or r is ar else f"{sum(a == b for a, b in zip(ar.outputs, r.outputs))}/{len(prompts)}"
+        print(f"{r.mode:<6}{r.stride:>3}{r.tokens:>8}{r.forwards:>10}{r.tpf:>7.2f}{r.tokens_per_s:>9.1f}{rel:>7}  {same}")
+    print(json.dumps({"results": [r.to_json() for r in results]}))
+    return 0
+
+
+DEMO_PROMPTS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .decode import ar_generate, isd_generate
+    from .eval.prompts import encode
+
+    lm = _setup(args)
+    tok = lm.tokenizer()
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    cfg = DecodeConfig(stride=args.stride)
+    print(f"model: {lm.name} ({args.dtype}), ISD stride N={cfg.stride}, greedy, {torch.get_num_threads()} threads")
+    print("note: this is the base model with no converted I-DLM drafter yet, so its MASK drafts are rarely "
+          "accepted and TPF stays near 1; ISD output is still identical to AR.\n")
+    for text in DEMO_PROMPTS:
+        ids = encode(tok, text, chat=True)
+        ar = ar_generate(lm.model, ids, params)
+        isd = isd_generate(lm.model, ids, cfg, params)
+        print(f"Q: {text}")
+        print(f"A: {tok.decode(isd.tokens, skip_special_tokens=True).strip()}")
+        a, s = ar.stats, isd.stats
+        print(f"   ISD: {s.tokens} tokens in {s.forwards} forwards, TPF {s.tpf:.2f}, {s.tokens_per_s:.1f} tok/s | "
+              f"AR: TPF 1.00, {a.tokens_per_s:.1f} tok/s | ISD/AR speed {s.tokens_per_s / a.tokens_per_s:.2f}x | "
+              f"identical to AR: {'yes' if isd.tokens == ar.tokens else 'NO'}\n")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    return COMMANDS[args.command](args)

@@ -1,0 +1,213 @@
+"""Batch-1 reference decoders over a croppable KV cache: Introspective Strided Decoding (spec §3)
+and plain AR decoding of the same network. These are the test oracle and the CLI's decoders.
+
+One ISD step is "extend the cache by a window, keep m slots" (spec §3.6, pitfall 5):
+
+    window = [pending] + specs + [MASK] * (N-1)  (+ MASK padding to 2N-1 if asked)
+    slots:    0          1..s     s+1 .. s+N-1
+
+* specs[j] is checked against the anchor p at slot j (the slot before it, logit shift §1.5).
+* If all s specs pass: emit specs + [clean], where clean is drawn from p at slot s; the MASKs at
+  slots s+1..s+N-1 propose the next N-1 drafts; keep 1+s slots (pending + specs).
+* If specs[j] is rejected: emit specs[:j] + [correction]; keep 1+j slots; the next step is a cold
+  step (no specs) from the correction, because this step's clean token and drafts were conditioned
+  on rejected text (pitfall 6).
+
+Prefill (our cold start): the prompt is followed by N-1 MASKs in the same forward, so the first
+token comes from the last prompt position and the first drafts from the MASKs (the k-th MASK after
+the last clean token predicts k+1 tokens ahead); the MASK slots are then dropped. This replaces the
+reference's separate cold step after prefill and saves one forward per request.
+
+Invariant after every step: committed cache length = prompt + emitted - 1 (the pending token, or
+the correction, is emitted before its KV exists) and no MASK slot survives.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import DecodeConfig, SamplingParams
+from ..metrics import DecodeStats
+from ..model.decoder import Decoder, KVCache
+from .sampling import draw, make_generator, next_token, target_probs
+from .verify import Verdict, verify_greedy, verify_sampled
+
+
+@dataclass
+class ISDState:
+    """What the next window needs: the pending token and the drafts to verify."""
+
+    pending: int  # emitted token whose KV is not in the cache yet
+    specs: list[int] = field(default_factory=list)  # drafts proposed by the previous forward
+    spec_q: torch.Tensor | None = None  # (len(specs), V) draft distributions q (sampling only)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    emitted: list[int]  # tokens released to the user this step, in order
+    kept: int  # window slots whose KV stays committed
+    verdict: Verdict  # outcome of checking the previous drafts
+    next_state: ISDState
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]  # generated ids (stop token included when generation stopped on it)
+    finish_reason: str  # "stop" (EOS / stop token) or "length"
+    stats: DecodeStats
+
+
+def propose(draft_logits: torch.Tensor, params: SamplingParams, sampling_mode: str,
+            gen: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+    """Drafts from MASK logits (k, V): argmax when greedy or in reference mode, else sampled from q.
+    Returns (drafts, q) where q is what verification will divide by (None when greedy)."""
+    if params.greedy:
+        return torch.argmax(draft_logits, dim=-1).tolist(), None
+    if sampling_mode == "reference":  # point-mass proposal, q = softmax(logits / T) (spec §3.4)
+        q = torch.softmax(draft_logits.float() / params.temperature, dim=-1)
+        return torch.argmax(draft_logits, dim=-1).tolist(), q
+    q = target_probs(draft_logits, params)
+    return draw(q, gen).tolist(), q
+
+
+def check_specs(anchor_logits: torch.Tensor, state: ISDState, params: SamplingParams, sampling_mode: str,
+                gen: torch.Generator | None) -> Verdict:
+    """Verify state.specs against anchor logits (len(specs), V)."""
+    if params.greedy:
+        return verify_greedy(anchor_logits, state.specs)
+    if sampling_mode == "reference":  # reference verifies against the un-truncated p
+        p = torch.softmax(anchor_logits.float() / params.temperature, dim=-1)
+    else:
+        p = target_probs(anchor_logits, params)
+    return verify_sampled(p, state.spec_q, state.specs, gen)
+
+
+def isd_step(logits: torch.Tensor, state: ISDState, n_drafts: int, params: SamplingParams,
+             sampling_mode: str = "exact", gen: torch.Generator | None = None) -> StepResult:
+    """Pure ISD step: window logits (>= 1 + s + n_drafts, V) -> what to emit, keep and do next."""
+    s = len(state.specs)
+    verdict = check_specs(logits[:s], state, params, sampling_mode, gen)
+    if verdict.correction is not None:
+        j = verdict.accepted
+        emitted = state.specs[:j] + [verdict.correction]
+        return StepResult(emitted, 1 + j, verdict, ISDState(verdict.correction))
+    clean = next_token(logits[s], params, gen)
+    drafts, q = propose(logits[s + 1: s + 1 + n_drafts], params, sampling_mode, gen)
+    return StepResult(state.specs + [clean], 1 + s, verdict, ISDState(clean, drafts, q))
+
+
+class _Stopper:
+    """Appends emitted tokens one at a time and decides when generation ends (spec §3.6 Stop/EOS)."""
+
+    def __init__(self, params: SamplingParams, eos_ids: tuple[int, ...]):
+        self.params = params
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    def push(self, emitted: list[int]) -> bool:
+        """Append; return True when finished (tokens after the finishing one are dropped)."""
+        for t in emitted:
+            self.tokens.append(t)
+            if t in self.stop_ids:
+                self.finish_reason = "stop"
+            elif len(self.tokens) >= self.params.max_new_tokens:
+                self.finish_reason = "length"
+            if self.finish_reason:
+                return True
+        return False
+
+
+StepHook = Callable[[KVCache, list[int], ISDState | None], None]
+
+
+@torch.inference_mode()
+def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: SamplingParams,
+                 on_step: StepHook | None = None) -> DecodeResult:
+    """Decode with ISD at stride cfg.stride. ``on_step(cache, tokens, state)`` runs after every
+    step (tests check the KV invariants there)."""
+    if not prompt:
+        raise ValueError("empty prompt")
+    t_start = time.perf_counter()
+    n_drafts, mask = cfg.n_drafts, cfg.mask_token_id if cfg.mask_token_id is not None else model.cfg.mask_token_id
+    gen = make_generator(params.seed)
+    stats = DecodeStats(stride=cfg.stride, prompt_tokens=len(prompt))
+    stop = _Stopper(params, model.cfg.eos_token_ids)
+    cache = model.new_cache(capacity=len(prompt) + params.max_new_tokens + 2 * cfg.window)
+
+    # 1. Prefill + first drafts: [prompt, MASK * (N-1)]; read logits from the last prompt slot on.
+    p_len = len(prompt)
+    ids = torch.tensor(prompt + [mask] * n_drafts)
+    hidden = model.hidden(ids, torch.arange(len(ids)), cache)[0]
+    logits = model.logits(hidden[p_len - 1:])  # (N, V)
+    stats.forwards += 1
+    t0 = next_token(logits[0], params, gen)
+    drafts, q = propose(logits[1:], params, cfg.sampling_mode, gen)
+    cache.crop(p_len)
+    state = ISDState(t0, drafts, q)
+    done = stop.push([t0])
+    if on_step:
+        on_step(cache, stop.tokens, state)
+
+    # 2. Steps: extend by a window, keep 1 + accepted, emit accepted + clean/correction.
+    while not done:
+        s = len(state.specs)
+        window = [state.pending] + state.specs + [mask] * n_drafts
+        if cfg.pad_windows:
+            window += [mask] * (cfg.window - len(window))
+        start = cache.length
+        hidden = model.hidden(torch.tensor(window), start + torch.arange(len(window)), cache)[0]
+        logits = model.logits(hidden[: 1 + s + n_drafts])  # padding MASKs are never read
+        stats.forwards += 1
+        step = isd_step(logits, state, n_drafts, params, cfg.sampling_mode, gen)
+        stats.record_verify(s, step.verdict.accepted)
+        cache.crop(start + step.kept)
+        state = step.next_state
+        done = stop.push(step.emitted)
+        if done:  # tokens after a stop were dropped: drop their KV too, keeping the invariant exact
+            cache.crop(min(cache.length, p_len + len(stop.tokens) - 1))
+        if on_step:
+            on_step(cache, stop.tokens, state)
+
+    stats.tokens = len(stop.tokens)
+    stats.seconds = time.perf_counter() - t_start
+    return DecodeResult(stop.tokens, stop.finish_reason or "length", stats)
+
+
+@torch.inference_mode()
+def ar_generate(model: Decoder, prompt: list[int], params: SamplingParams,
+                on_step: StepHook | None = None) -> DecodeResult:
+    """Plain autoregressive decoding of the same network: one token per forward."""
+    if not prompt:
+        raise ValueError("empty prompt")
+    t_start = time.perf_counter()
+    gen = make_generator(params.seed)
+    stats = DecodeStats(stride=1, prompt_tokens=len(prompt))
+    stop = _Stopper(params, model.cfg.eos_token_ids)
+    cache = model.new_cache(capacity=len(prompt) + params.max_new_tokens + 1)
+    hidden = model.hidden(torch.tensor(prompt), torch.arange(len(prompt)), cache)[0]
+    tok = next_token(model.logits(hidden[-1]), params, gen)
+    stats.forwards += 1
+    done = stop.push([tok])
+    while not done:
+        if on_step:
+            on_step(cache, stop.tokens, None)
+        start = cache.length
+        hidden = model.hidden(torch.tensor([tok]), torch.tensor([start]), cache)[0]
+        tok = next_token(model.logits(hidden[-1]), params, gen)
+        stats.forwards += 1
+        done = stop.push([tok])
+    stats.tokens = len(stop.tokens)
+    stats.seconds = time.perf_counter() - t_start
+    return DecodeResult(stop.tokens, stop.finish_reason or "length", stats)
+
+
+def generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: SamplingParams) -> DecodeResult:
+    """Dispatch on cfg.mode."""
+    if cfg.mode == "ar":
+        return ar_generate(model, prompt, params)
+    return isd_generate(model, prompt, cfg, params)

@@ -1,0 +1,67 @@
+"""Per-request decoding counters. Counters only; every rate is a property computed at read time."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class DecodeStats:
+    stride: int = 1  # N (1 for AR)
+    forwards: int = 0  # model forwards, prefill included
+    tokens: int = 0  # tokens emitted to the user
+    prompt_tokens: int = 0
+    verify_steps: int = 0  # steps that checked at least one draft
+    cold_steps: int = 0  # steps with no draft to check (after a rejection)
+    all_accept_steps: int = 0  # verify steps where every draft was accepted
+    rejects: int = 0  # verify steps that rejected a draft
+    tested_at: list[int] = field(default_factory=list)  # [j]: drafts at position j that were checked
+    accepted_at: list[int] = field(default_factory=list)  # [j]: drafts at position j that were accepted
+    seconds: float = 0.0  # wall time of the decode (prefill included)
+
+    def __post_init__(self) -> None:
+        n = max(self.stride - 1, 0)
+        if not self.tested_at:
+            self.tested_at = [0] * n
+        if not self.accepted_at:
+            self.accepted_at = [0] * n
+
+    def record_verify(self, n_specs: int, n_accepted: int) -> None:
+        if n_specs == 0:
+            self.cold_steps += 1
+            return
+        self.verify_steps += 1
+        tested = min(n_specs, n_accepted + 1)
+        for j in range(tested):
+            self.tested_at[j] += 1
+        for j in range(n_accepted):
+            self.accepted_at[j] += 1
+        if n_accepted == n_specs:
+            self.all_accept_steps += 1
+        else:
+            self.rejects += 1
+
+    @property
+    def tpf(self) -> float:
+        """Tokens per forward."""
+        return self.tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def acceptance_at(self) -> list[float]:
+        """P(draft j accepted | draft j checked), per draft position."""
+        return [a / t if t else 0.0 for a, t in zip(self.accepted_at, self.tested_at)]
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean accepted drafts per verify step."""
+        return sum(self.accepted_at) / self.verify_steps if self.verify_steps else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(tpf=round(self.tpf, 4), tokens_per_s=round(self.tokens_per_s, 3),
+                 acceptance_at=[round(x, 4) for x in self.acceptance_at], mean_accepted=round(self.mean_accepted, 4))
+        return d

@@ -1,0 +1,174 @@
+"""Gated LoRA for R-ISD (spec §4) and a trainable MASK embedding row.
+
+``GatedLoRAProj`` wraps one of the decoder's ``Proj`` layers::
+
+    y = W x + b + gate · (alpha / rank) · B(A x)
+
+``gate`` is the per-token (B, T, 1) tensor that ``Decoder.hidden`` threads through every projection.
+``gate=None`` means LoRA OFF, so prefill and every path that passes no gate is exactly the base model.
+With a gate, the low-rank term is computed only for the rows whose gate is non-zero (index_select →
+A → B → index_add), so clean positions cost nothing and stay bit-identical to the base model.
+
+The MASK row (``MaskEmbedding``) is a separate one-row parameter used only where the input id is
+MASK; clean positions never read it, so training it keeps the anchor lossless too.
+
+Adapters are never merged into the base weights: merging would change the clean path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .decoder import Decoder, Proj
+
+LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # every projection of a decoder layer
+MASK_ROW_KEY = "mask_embedding"  # key of the trained MASK row in an adapter state dict
+ALPHA_KEY = "lora_alpha"  # 0-dim tensor: the LoRA alpha (scale = alpha / rank)
+
+
+class GatedLoRAProj(Proj):
+    """A ``Proj`` plus a gated low-rank update; shares (does not copy) the base weight and bias."""
+
+    def __init__(self, base: Proj, rank: int, alpha: float):
+        nn.Module.__init__(self)  # skip nn.Linear's allocation: reuse the base parameters
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.alpha = rank, float(alpha)
+        self.scale = self.alpha / rank
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # standard LoRA init: B = 0, so ΔW = 0
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if gate is None:
+            return y
+        rows = gated_rows(gate)  # (R,) flat indices into B*T
+        if rows.numel() == 0:
+            return y
+        flat_x = x.reshape(-1, self.in_features)
+        g = gate.reshape(-1, 1).index_select(0, rows).to(x.dtype)  # (R, 1)
+        delta = F.linear(F.linear(flat_x.index_select(0, rows), self.lora_A), self.lora_B)  # (R, out)
+        delta = delta * (g * self.scale)
+        out = y.reshape(-1, self.out_features).index_add(0, rows, delta.to(y.dtype))
+        return out.view_as(y)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def gated_rows(gate: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the non-zero gate entries. One gate tensor is shared by every projection of
+    every layer in a forward, so the indices are cached on it, keyed by its version counter (an
+    in-place update of a persistent gate invalidates the cache)."""
+    cached = getattr(gate, "_idlm_rows", None)
+    if cached is not None and cached[0] == gate._version:
+        return cached[1]
+    rows = gate.reshape(-1).nonzero().squeeze(1)
+    gate._idlm_rows = (gate._version, rows)  # type: ignore[attr-defined]
+    return rows
+
+
+class MaskEmbedding(nn.Embedding):
+    """The base embedding (frozen) with a separate trainable row used only at MASK inputs."""
+
+    def __init__(self, base: nn.Embedding, mask_token_id: int):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
+        self.weight = base.weight
+        self.mask_token_id = mask_token_id
+        self.mask_row = nn.Parameter(base.weight.detach()[mask_token_id].clone())  # (H,)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(ids, self.weight)
+        is_mask = (ids == self.mask_token_id)[..., None]
+        return torch.where(is_mask, self.mask_row.to(out.dtype), out)
+
+
+def add_lora(model: Decoder, rank: int, alpha: float, targets: Iterable[str] = LORA_TARGETS,
+             train_mask_row: bool = True) -> list[nn.Parameter]:
+    """Freeze ``model`` and wrap the ``targets`` projections of every layer with gated LoRA.
+    With ``train_mask_row`` the MASK embedding row becomes trainable too. Returns the new
+    trainable parameters. Idempotent per projection (an already wrapped one is kept)."""
+    targets = tuple(targets)
+    bad = set(targets) - set(LORA_TARGETS)
+    if bad:
+        raise ValueError(f"unknown LoRA targets {sorted(bad)} (choose from {', '.join(LORA_TARGETS)})")
+    model.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for layer in model.layers:
+        for name in targets:
+            proj = getattr(layer, name)
+            if not isinstance(proj, GatedLoRAProj):
+                proj = GatedLoRAProj(proj, rank, alpha)
+                setattr(layer, name, proj)
+            params += [proj.lora_A, proj.lora_B]
+    if train_mask_row:
+        params.append(enable_mask_row(model))
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def enable_mask_row(model: Decoder) -> nn.Parameter:
+    """Give ``model`` a separate trainable MASK embedding row; returns it."""
+    if not isinstance(model.embed, MaskEmbedding):
+        model.embed = MaskEmbedding(model.embed, model.cfg.mask_token_id)
+    return model.embed.mask_row
+
+
+def lora_modules(model: Decoder) -> dict[str, GatedLoRAProj]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, GatedLoRAProj)}
+
+
+def lora_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
+    """Adapter tensors only: ``<module>.lora_A`` / ``.lora_B``, the alpha and, if trained, the MASK row."""
+    mods = lora_modules(model)
+    out = {ALPHA_KEY: torch.tensor(next(iter(mods.values())).alpha)} if mods else {}
+    for name, m in mods.items():
+        out[f"{name}.lora_A"] = m.lora_A.detach()
+        out[f"{name}.lora_B"] = m.lora_B.detach()
+    if isinstance(model.embed, MaskEmbedding):
+        out[MASK_ROW_KEY] = model.embed.mask_row.detach()
+    return out
+
+
+def load_lora(model: Decoder, state: dict[str, torch.Tensor], alpha: float | None = None) -> Decoder:
+    """Wrap ``model`` with adapters shaped like ``state`` and load them (inference: frozen).
+    ``alpha`` defaults to the one stored in ``state``. A MASK row in ``state`` is written into the
+    embedding (it is read only at MASK inputs, so the clean path stays the base model)."""
+    if alpha is None:
+        if ALPHA_KEY not in state:
+            raise ValueError(f"adapter state has no {ALPHA_KEY!r}; pass alpha")
+        alpha = float(state[ALPHA_KEY])
+    ranks = {k.rsplit(".", 2)[0]: v.shape[0] for k, v in state.items() if k.endswith(".lora_A")}
+    if not ranks:
+        raise ValueError("adapter state has no lora_A tensors")
+    if len(set(ranks.values())) != 1:
+        raise ValueError(f"mixed LoRA ranks are not supported: {sorted(set(ranks.values()))}")
+    targets = sorted({name.rsplit(".", 1)[1] for name in ranks})
+    add_lora(model, next(iter(ranks.values())), alpha, targets, train_mask_row=False)
+    mods = lora_modules(model)
+    with torch.no_grad():
+        for name, m in mods.items():
+            if name not in ranks:
+                raise ValueError(f"adapter state lacks {name}")
+            m.lora_A.copy_(state[f"{name}.lora_A"])
+            m.lora_B.copy_(state[f"{name}.lora_B"])
+        if MASK_ROW_KEY in state:
+            row = state[MASK_ROW_KEY].to(model.embed.weight.dtype)
+            if isinstance(model.embed, MaskEmbedding):
+                model.embed.mask_row.copy_(row)
+            else:
+                model.embed.weight[model.cfg.mask_token_id] = row
+    return model.requires_grad_(False)

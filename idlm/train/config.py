@@ -1,0 +1,148 @@
+"""Typed, frozen configs of ``idlm convert`` and ``idlm data generate``.
+
+Each field's trailing comment is its ``--help`` text (``field_help`` extracts it for the CLI). The
+stride curriculum is given as stages ``"N:STEPS,..."``: stage N trains block size B = N − 1 MASKs per
+block (spec §1.6), so it serves ISD at stride N.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from dataclasses import dataclass, fields
+
+MODES = ("full", "lora")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEFAULT_LR = {"full": 1e-5, "lora": 2e-4}  # spec §2.4 (full), [FORK-R] LoRA recipe (lora)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One curriculum stage."""
+
+    stride: int  # ISD stride N served by this stage
+    steps: int  # optimizer steps in this stage
+
+    @property
+    def block(self) -> int:
+        """Training block size B = N − 1 (MASKs per block)."""
+        return self.stride - 1
+
+
+def parse_stages(text: str) -> tuple[Stage, ...]:
+    """``"2:100,3:200"`` → (Stage(2, 100), Stage(3, 200))."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            n, steps = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise ValueError(f"--stages: {part!r} is not N:STEPS (e.g. 2:100,3:200)") from None
+        if n < 2 or steps < 1:
+            raise ValueError(f"--stages: {part!r} needs stride N >= 2 and STEPS >= 1")
+        out.append(Stage(n, steps))
+    if not out:
+        raise ValueError("--stages: give at least one N:STEPS stage")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Convert a causal LM into an I-DLM (full) or train an R-ISD gated LoRA adapter (lora)."""
+
+    data: tuple[str, ...]  # training JSONL files (output of `idlm data generate`, or {"prompt","response"} / {"messages"} records)
+    out: str  # output directory: converted model or adapter, idlm_convert.json, train_log.jsonl, checkpoint/
+    model: str | None = None  # base model (folder, .gguf, hub id); default: the embedded SmolLM2-135M-Instruct
+    mode: str = "lora"  # full = train all weights (I-DLM); lora = gated LoRA on MASK positions only (R-ISD, lossless)
+    stages: str = "3:200"  # stride curriculum N:STEPS,...; stage N trains B = N-1 MASKs per block
+    lr: float = 0.0  # peak learning rate; 0 = 1e-5 for full, 2e-4 for lora
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.03  # linear warmup, as a fraction of each stage's steps
+    min_lr_ratio: float = 0.0  # cosine decays to lr * this at the end of each stage
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_rows: int = 1  # packed rows per micro-batch
+    row_tokens: int = 1024  # token budget of one packed row (sum of sample lengths; the row is twice as long)
+    max_len: int = 1024  # truncate each sample (prompt + response) to this many tokens
+    ce_alpha: float = 0.2  # fixed weight of CE_clean (full mode)
+    auto_balance_from: int = 4  # stages with stride N >= this weight CE_clean by stopgrad(CE_noisy/CE_clean); 0 = never
+    lora_rank: int = 32  # LoRA rank r (lora mode)
+    lora_alpha: float = 64.0  # LoRA alpha; the update is scaled by alpha / r
+    lora_targets: str = "qkv,o,gate_up,down"  # projections that get adapters
+    train_mask_row: bool = True  # also train the MASK embedding row (lora mode; it only feeds MASK positions)
+    precision: str = "auto"  # fp32 | bf16 (autocast) | auto (bf16 on GPUs that support it, fp32 on CPU)
+    trim_prompt: bool = True  # drop noisy-half prompt tokens that no loss position can see
+    save_every: int = 100  # write a checkpoint (and the current export) every this many steps (0 = only at the end)
+    resume: bool = False  # continue from OUT/checkpoint/state.pt
+    stop_at: int = 0  # stop (after checkpointing) once this global step is reached; 0 = run all stages
+    seed: int = 0  # data order seed
+    device: str = "auto"  # cpu | cuda | cuda:K | auto (cuda:LOCAL_RANK when available)
+    log_every: int = 1  # write a train_log.jsonl record every this many steps
+    loss_chunk: int = 1024  # rows per chunk of the output-head projection in the loss
+    progress: bool = True  # show a progress bar (rank 0)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not self.data:
+            raise ValueError("--data: give at least one JSONL file")
+        parse_stages(self.stages)
+        for name in ("grad_accum", "batch_rows", "row_tokens", "max_len", "lora_rank", "log_every", "loss_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_len > self.row_tokens:
+            raise ValueError(f"--max-len ({self.max_len}) must not exceed --row-tokens ({self.row_tokens})")
+
+    @property
+    def stage_list(self) -> tuple[Stage, ...]:
+        return parse_stages(self.stages)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stage_list)
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr or DEFAULT_LR[self.mode]
+
+    @property
+    def target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+
+@dataclass(frozen=True)
+class DataGenConfig:
+    """Regenerate assistant turns with the base model itself (self-distillation data, spec §2.5)."""
+
+    prompts: tuple[str, ...]  # prompt sources: gsm8k (train split), builtin, or JSONL files of {"prompt"} / {"messages"}
+    out: str  # output JSONL; appended to, prompts already present are skipped (resume)
+    model: str | None = None  # base model; default: the embedded SmolLM2-135M-Instruct
+    max_new_tokens: int = 256  # generation length cap per response
+    temperature: float = 0.0  # 0 = greedy (the decoding the ISD target reproduces); > 0 samples
+    limit: int = 0  # use at most this many prompts (0 = all)
+    batch_size: int = 8  # prompts per generate() call (left-padded)
+    seed: int = 0  # sampling seed and prompt-shuffle seed
+    shuffle: bool = True  # shuffle the prompt list (seeded) before applying --limit
+    device: str = "auto"  # cpu | cuda | auto
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("--prompts: give at least one source")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.limit < 0:
+            raise ValueError("--max-new-tokens and --batch-size must be >= 1, --limit >= 0")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name → its trailing comment, for argparse ``help=`` (CLI wiring)."""
+    src = inspect.getsource(cls).splitlines()
+    tree = ast.parse("\n".join(src).strip() if src[0].startswith(" ") else "\n".join(src))
+    names = {f.name for f in fields(cls)}
+    out: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in names:
+            line = src[node.lineno - 1]
+            if "#" in line:
+                out[node.target.id] = line.split("#", 1)[1].strip()
+    return out

@@ -1,0 +1,145 @@
+"""Saving and loading converted models.
+
+An output directory holds ``idlm_convert.json`` (``ConvertedMeta``) and either
+
+* ``adapter.safetensors`` (mode lora): the gated LoRA tensors + the MASK row; the base model is
+  loaded by name and the adapter is applied with the gate on MASK positions only, or
+* an HF-layout model (mode full): ``config.json`` (the base config plus ``mask_token_id``),
+  ``model.safetensors`` and the tokenizer files, so ``load_model(out_dir)`` also works directly.
+
+Every file is written to a temporary name and moved into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..model.decoder import Decoder
+from ..model.loading import LoadedModel, load_model, read_config
+from ..model.lora import lora_state_dict
+
+META_FILE = "idlm_convert.json"
+ADAPTER_FILE = "adapter.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class ConvertedMeta:
+    """Small JSON description of a converted model."""
+
+    base_model: str  # what load_model() should load as the base (name, folder or hub id)
+    mode: str  # full | lora
+    mask_token_id: int  # MASK input id
+    block_size: int  # training block size B of the last stage (MASKs per block)
+    stride: int  # ISD stride N = B + 1 it was trained for
+    steps: int  # optimizer steps trained
+    lora_rank: int = 0  # LoRA rank (lora mode)
+    lora_alpha: float = 0.0  # LoRA alpha (lora mode)
+    lora_targets: tuple[str, ...] = ()  # adapted projections (lora mode)
+    format_version: int = 1
+
+    @classmethod
+    def read(cls, folder: Path) -> ConvertedMeta:
+        d = json.loads((folder / META_FILE).read_text())
+        d["lora_targets"] = tuple(d.get("lora_targets", ()))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class LoadedConverted:
+    """A converted model ready for inference (frozen, eval mode)."""
+
+    loaded: LoadedModel  # the decoder (LoRA-wrapped in lora mode) and the folder holding the tokenizer
+    meta: ConvertedMeta  # what was trained
+
+
+def _atomic_write_bytes(path: Path, writer) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer(tmp)
+    os.replace(tmp, path)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_write_bytes(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def save_json(obj: dict, path: Path) -> None:
+    _atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_converted(model: Decoder, out_dir: str | Path, meta: ConvertedMeta, base_folder: Path) -> Path:
+    """Write the adapter (lora) or the full HF-layout model (full) plus ``idlm_convert.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if meta.mode == "lora":
+        save_safetensors(lora_state_dict(model), out / ADAPTER_FILE)
+    else:
+        conf = read_config(base_folder)
+        conf["mask_token_id"] = model.cfg.mask_token_id
+        save_safetensors(ours_to_hf(model), out / "model.safetensors")
+        save_json(conf, out / "config.json")
+        for name in TOKENIZER_FILES:
+            if (base_folder / name).exists() and base_folder.resolve() != out.resolve():
+                shutil.copyfile(base_folder / name, out / name)
+    save_json(asdict(meta), out / META_FILE)
+    return out
+
+
+def ours_to_hf(model: Decoder) -> dict[str, torch.Tensor]:
+    """Our fused decoder state → HF Llama/Qwen names (inverse of ``loading.hf_to_ours``).
+    The embedding keeps an appended MASK row, so it may have vocab_size + 1 rows."""
+    cfg = model.cfg
+    sd = {k: v for k, v in model.state_dict().items()}
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        o, h = f"layers.{i}.", f"model.layers.{i}."
+        a, m = h + "self_attn.", h + "mlp."
+        out[h + "input_layernorm.weight"] = sd[o + "ln1.weight"]
+        out[h + "post_attention_layernorm.weight"] = sd[o + "ln2.weight"]
+        for suffix in ("weight", "bias"):
+            if o + "qkv." + suffix in sd:
+                parts = sd[o + "qkv." + suffix].split([cfg.q_size, cfg.kv_size, cfg.kv_size], 0)
+                out.update({a + f"{x}_proj.{suffix}": t for x, t in zip("qkv", parts)})
+            if o + "o." + suffix in sd:
+                out[a + f"o_proj.{suffix}"] = sd[o + "o." + suffix]
+            if o + "gate_up." + suffix in sd:
+                g, u = sd[o + "gate_up." + suffix].chunk(2, 0)
+                out[m + f"gate_proj.{suffix}"], out[m + f"up_proj.{suffix}"] = g, u
+            if o + "down." + suffix in sd:
+                out[m + f"down_proj.{suffix}"] = sd[o + "down." + suffix]
+        if cfg.qk_norm:
+            out[a + "q_norm.weight"] = sd[o + "q_norm.weight"]
+            out[a + "k_norm.weight"] = sd[o + "k_norm.weight"]
+    return out
+
+
+def load_converted(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedConverted:
+    """Load a converted model for inference: base + adapter (lora) or the full weights (full)."""
+    from safetensors.torch import load_file
+
+    from ..model.lora import load_lora
+
+    folder = Path(path)
+    meta = ConvertedMeta.read(folder)
+    if meta.mode == "full":
+        loaded = load_model(str(folder), dtype, device)
+        return LoadedConverted(LoadedModel(loaded.model, loaded.folder, str(folder)), meta)
+    loaded = load_model(meta.base_model, dtype, device)
+    if loaded.model.cfg.mask_token_id != meta.mask_token_id:
+        raise ValueError(f"{folder}: adapter was trained with MASK id {meta.mask_token_id}, base model uses "
+                         f"{loaded.model.cfg.mask_token_id}")
+    state = {k: v.to(device=device) for k, v in load_file(str(folder / ADAPTER_FILE)).items()}
+    load_lora(loaded.model, state, meta.lora_alpha)
+    return LoadedConverted(loaded, meta)

@@ -1,0 +1,380 @@
+"""The ``idlm convert`` training loop: stride curriculum, AdamW + warmup/cosine, gradient clipping and
+accumulation, optional bf16 autocast, atomic checkpoints with resume, progress bar, JSONL log.
+
+Runs unchanged as one process or under ``torchrun`` / ``accelerate launch``: when ``WORLD_SIZE > 1``
+it joins the process group, wraps the objective in DDP and gives each rank its own micro-batches.
+The data order is a pure function of (seed, step), so a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..model.decoder import Decoder
+from ..model.loading import DEFAULT_MODEL, load_model
+from ..model.lora import add_lora
+from .batch import Sample, TrainBatch, collate, epoch_rows, truncate
+from .config import ConvertConfig, Stage
+from .data import load_samples
+from .export import ConvertedMeta, save_converted
+from .forward import forward_clean_prefix, forward_joint
+from .loss import LossOutput, LossWeights, idlm_loss
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Process-group facts; world 1 when not distributed."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> DistInfo:
+    """Join the process group when launched with WORLD_SIZE > 1 (torchrun / accelerate)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(name: str, local_rank: int) -> str:
+    if name != "auto":
+        return name
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def use_bf16(precision: str, device: str) -> bool:
+    """bf16 autocast: on request, or 'auto' on GPUs with bf16 support. On our CPU fp32 measured
+    faster for training (see the convert README section), so 'auto' keeps fp32 there."""
+    if precision == "bf16":
+        return True
+    return precision == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported()
+
+
+class Objective(nn.Module):
+    """Model + the I-DLM forward and loss of one micro-batch (the unit DDP wraps)."""
+
+    def __init__(self, model: Decoder, mode: str, loss_chunk: int):
+        super().__init__()
+        self.model, self.mode, self.loss_chunk = model, mode, loss_chunk
+
+    def forward(self, batch: TrainBatch, weights: LossWeights, noisy_norm: float, clean_norm: float
+                ) -> tuple[torch.Tensor, LossOutput]:
+        fwd = forward_clean_prefix if self.mode == "lora" else forward_joint
+        out = idlm_loss(self.model, fwd(self.model, batch), batch, weights, noisy_norm, clean_norm,
+                        self.loss_chunk)
+        return out.loss, out
+
+
+def lr_factor(step_in_stage: int, steps: int, warmup_ratio: float, min_ratio: float) -> float:
+    """Linear warmup then cosine decay to ``min_ratio``, restarted at each curriculum stage."""
+    warm = math.ceil(warmup_ratio * steps)
+    if step_in_stage < warm:
+        return (step_in_stage + 1) / warm
+    progress = (step_in_stage - warm) / max(1, steps - warm)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def stage_at(stages: tuple[Stage, ...], step: int) -> tuple[Stage, int]:
+    """The stage that optimizer step ``step`` (0-based) belongs to, and the step inside it."""
+    for s in stages:
+        if step < s.steps:
+            return s, step
+        step -= s.steps
+    raise IndexError("step past the last stage")
+
+
+class RowStream:
+    """Packed rows in a deterministic order: micro-batch j (counted over all ranks) takes rows
+    ``j*R .. j*R+R-1`` of the endless concatenation of seeded epochs."""
+
+    def __init__(self, samples: list[Sample], budget: int, seed: int):
+        self.samples, self.budget, self.seed = samples, budget, seed
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def _epoch(self, e: int) -> list[list[int]]:
+        if e not in self._epochs:
+            self._epochs = {e: epoch_rows(self.samples, self.budget, self.seed, e)}
+        return self._epochs[e]
+
+    def rows(self, micro_index: int, count: int) -> list[list[Sample]]:
+        per_epoch = len(self._epoch(0))
+        out = []
+        for r in range(micro_index * count, (micro_index + 1) * count):
+            row = self._epoch(r // per_epoch)[r % per_epoch]
+            out.append([self.samples[i] for i in row])
+        return out
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores besides parameters and optimizer state."""
+
+    step: int = 0  # optimizer steps done
+    seq_tokens: int = 0  # [x_t|x_0] tokens (2·ΣL) seen, all ranks
+    response_tokens: int = 0  # response tokens seen, all ranks
+    elapsed: float = 0.0  # training wall time so far (s)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What ``run_convert`` produced."""
+
+    out_dir: Path  # the export directory
+    steps: int  # optimizer steps done in total
+    last_loss: float  # loss of the last step
+    log_path: Path  # train_log.jsonl
+    history: list[dict] = field(default_factory=list)  # the log records written by this call
+
+
+class Trainer:
+    """One ``idlm convert`` run (see ``run_convert``)."""
+
+    def __init__(self, cfg: ConvertConfig):
+        self.cfg = cfg
+        self.dist = setup_distributed(cfg.device if cfg.device != "auto" else
+                                      ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(cfg.device, self.dist.local_rank)
+        self.out = Path(cfg.out)
+        self.stages = cfg.stage_list
+        lm = load_model(cfg.model, device=self.device)
+        self.base_folder, self.model = lm.folder, lm.model
+        samples = [truncate(s, cfg.max_len) for s in load_samples(cfg.data, _LazyTokenizer(lm))]
+        self.stream = RowStream([s for s in samples if s is not None], cfg.row_tokens, cfg.seed)
+        self.params = self._trainable()
+        self.objective: nn.Module = Objective(self.model, cfg.mode, cfg.loss_chunk)
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.dist.local_rank] if self.device.startswith("cuda") else None
+            self.objective = DDP(self.objective, device_ids=ids)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.peak_lr, betas=(0.9, 0.999), eps=1e-8,
+                                     weight_decay=cfg.weight_decay)
+        self.bf16 = use_bf16(cfg.precision, self.device)
+        self.state = TrainState()
+
+    def _trainable(self) -> list[nn.Parameter]:
+        cfg = self.cfg
+        if cfg.mode == "lora":
+            return add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.target_list, cfg.train_mask_row)
+        self.model.requires_grad_(True)
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.out / CHECKPOINT_DIR / STATE_FILE
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            named = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+            blob = {"state": asdict(self.state), "params": named, "optimizer": self.opt.state_dict(),
+                    "config": asdict(self.cfg)}
+            tmp = self.state_path.with_name(STATE_FILE + ".tmp")
+            torch.save(blob, tmp)
+            os.replace(tmp, self.state_path)
+            self.export()
+        self._barrier()
+
+    def load_checkpoint(self) -> None:
+        blob = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in blob["params"].items():
+                params[name].copy_(t)
+        self.opt.load_state_dict(blob["optimizer"])
+        self.state = TrainState(**blob["state"])
+        if self.dist.is_main:
+            _truncate_log(self.out / LOG_FILE, self.state.step)
+
+    def export(self) -> Path:
+        cfg, stage = self.cfg, stage_at(self.stages, max(self.state.step - 1, 0))[0]
+        meta = ConvertedMeta(
+            base_model=cfg.model or DEFAULT_MODEL, mode=cfg.mode, mask_token_id=self.model.cfg.mask_token_id,
+            block_size=stage.block, stride=stage.stride, steps=self.state.step,
+            lora_rank=cfg.lora_rank if cfg.mode == "lora" else 0,
+            lora_alpha=cfg.lora_alpha if cfg.mode == "lora" else 0.0,
+            lora_targets=cfg.target_list if cfg.mode == "lora" else ())
+        return save_converted(self.model, self.out, meta, self.base_folder)
+
+    def _barrier(self) -> None:
+        if self.dist.world > 1:
+            torch.distributed.barrier()
+
+    # ---- one optimizer step ------------------------------------------------------------------
+    def _micro_batches(self, stage: Stage) -> list[TrainBatch]:
+        cfg, d = self.cfg, self.dist
+        first = self.state.step * cfg.grad_accum
+        return [collate(self.stream.rows((first + a) * d.world + d.rank, cfg.batch_rows), stage.block,
+                        self.model.cfg.mask_token_id, trim_prompt=cfg.trim_prompt).to(self.device)
+                for a in range(cfg.grad_accum)]
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.dist.world > 1:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        stage, inner = stage_at(self.stages, self.state.step)
+        lr = cfg.peak_lr * lr_factor(inner, stage.steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        weights = LossWeights(cfg.ce_alpha, bool(cfg.auto_balance_from) and stage.stride >= cfg.auto_balance_from,
+                              use_clean=cfg.mode == "full")
+        t0 = time.perf_counter()
+        batches = self._micro_batches(stage)
+        counts = [sum(b.n_response for b in batches),
+                  sum(int((b.clean_targets != -100).sum()) for b in batches)]
+        n_resp, n_clean = self._all_sum(counts)
+        # DDP averages gradients over ranks, so normalise by the per-rank share of the global count.
+        noisy_norm, clean_norm = max(n_resp, 1) / self.dist.world, max(n_clean, 1) / self.dist.world
+        stats = self._accumulate(batches, weights, noisy_norm, clean_norm)
+        grad_norm = self._clip()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        return self._record(stage, lr, stats, grad_norm, dt, batches)
+
+    def _accumulate(self, batches: list[TrainBatch], weights: LossWeights, noisy_norm: float,
+                    clean_norm: float) -> dict[str, torch.Tensor]:
+        amp = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        total = {"loss": 0.0, "ce_noisy": 0.0, "ce_clean": 0.0, "hits": 0, "count": 0}
+        for i, batch in enumerate(batches):
+            sync = self.dist.world == 1 or i == len(batches) - 1
+            ctx = nullcontext() if sync else self.objective.no_sync()
+            with ctx:
+                with amp:
+                    loss, out = self.objective(batch, weights, noisy_norm, clean_norm)
+                loss.backward()
+            total["loss"] += loss.detach()
+            total["ce_noisy"] += out.ce_noisy
+            total["ce_clean"] += out.ce_clean if out.ce_clean is not None else 0.0
+            total["hits"] += out.draft_correct
+            total["count"] += out.draft_count
+        return total
+
+    def _clip(self) -> float:
+        if self.cfg.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+        return float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+
+    def _record(self, stage: Stage, lr: float, s: dict, grad_norm: float, dt: float,
+                batches: list[TrainBatch]) -> dict:
+        w = self.dist.world
+        scal = self._all_sum([float(s["loss"]), float(s["ce_noisy"]), float(s["ce_clean"]),
+                              sum(b.n_seq_tokens for b in batches), sum(b.n_response for b in batches)])
+        hits, count = self._all_sum(s["hits"].tolist()), self._all_sum(s["count"].tolist())
+        self.state.step += 1
+        self.state.seq_tokens += int(scal[3])
+        self.state.response_tokens += int(scal[4])
+        self.state.elapsed += dt
+        return {"step": self.state.step, "stride": stage.stride, "block": stage.block, "lr": lr,
+                "loss": scal[0] / w, "ce_noisy": scal[1] / w,
+                "ce_clean": scal[2] / w if self.cfg.mode == "full" else None,
+                "draft_acc": [h / c if c else None for h, c in zip(hits, count)],
+                "draft_count": [int(c) for c in count], "grad_norm": grad_norm,
+                "tok_s": scal[3] / dt, "resp_tok_s": scal[4] / dt,
+                "seq_tokens": self.state.seq_tokens, "response_tokens": self.state.response_tokens,
+                "elapsed": round(self.state.elapsed, 3)}
+
+    # ---- the run -----------------------------------------------------------------------------
+    def run(self) -> ConvertResult:
+        cfg = self.cfg
+        if cfg.resume and self.state_path.exists():
+            self.load_checkpoint()
+        end = min(cfg.total_steps, cfg.stop_at) if cfg.stop_at else cfg.total_steps
+        history: list[dict] = []
+        bar = _progress(cfg.progress and self.dist.is_main, self.state.step, cfg.total_steps)
+        log = (self.out / LOG_FILE) if self.dist.is_main else None
+        if log:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        last = float("nan")
+        while self.state.step < end:
+            rec = self.train_step()
+            history.append(rec)
+            last = rec["loss"]
+            if log and (rec["step"] % cfg.log_every == 0 or rec["step"] == end):
+                with log.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.update(1)
+            bar.set_postfix(N=rec["stride"], loss=f"{last:.3f}", acc1=_fmt(rec["draft_acc"][0]),
+                            tok_s=f"{rec['tok_s']:.0f}")
+            if cfg.save_every and rec["step"] % cfg.save_every == 0 and rec["step"] < end:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        return ConvertResult(self.out, self.state.step, last, self.out / LOG_FILE, history)
+
+
+class _LazyTokenizer:
+    """Loads the tokenizer only if a data file holds text records."""
+
+    def __init__(self, lm):
+        self.lm, self._tok = lm, None
+
+    def __getattr__(self, name: str):
+        if self._tok is None:
+            self._tok = self.lm.tokenizer()
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.__getattr__("__call__")(*args, **kwargs)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _progress(enabled: bool, initial: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="convert", unit="step", disable=not enabled,
+                dynamic_ncols=True)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past the checkpoint so a resumed run's log is one clean curve."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def run_convert(cfg: ConvertConfig) -> ConvertResult:
+    """CLI entry point of ``idlm convert``."""
+    return Trainer(cfg).run()

@@ -1,0 +1,121 @@
+"""ISD driver: KV invariants, stop handling inside accepted runs, and greedy ISD == greedy AR."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from idlm.config import DecodeConfig, SamplingParams
+from idlm.decode import ar_generate, isd_generate
+
+from .tiny import OracleLM, tiny_model
+
+SEQ = list(range(1, 41))  # the oracle's text: 1, 2, ..., 40
+PROMPT = SEQ[:5]
+
+
+def test_oracle_all_accept_reaches_tpf_n() -> None:
+    lm = OracleLM(SEQ)
+    n = 4
+    out = isd_generate(lm, PROMPT, DecodeConfig(stride=n), SamplingParams(max_new_tokens=25))
+    assert out.tokens == SEQ[5:30]
+    s = out.stats
+    assert s.rejects == 0 and s.cold_steps == 0
+    # prefill emits 1 token; every later forward emits N: 1 + 4 * 6 = 25 tokens in 7 forwards
+    assert s.forwards == 7 and s.tokens == 25
+    assert s.acceptance_at == [1.0, 1.0, 1.0]
+
+
+def test_oracle_rejections_follow_the_commit_table() -> None:
+    # MASK at position 9 predicts a wrong token for position 10.
+    lm = OracleLM(SEQ, wrong={9})
+    trace = []
+    out = isd_generate(lm, PROMPT, DecodeConfig(stride=3), SamplingParams(max_new_tokens=20),
+                       on_step=lambda c, toks, st: trace.append((c.length, len(toks), list(c.tokens))))
+    assert out.tokens == SEQ[5:25]  # still the greedy text of the anchor
+    assert out.stats.rejects >= 1 and out.stats.cold_steps == out.stats.rejects
+    for length, emitted, slots in trace:
+        assert length == len(PROMPT) + emitted - 1  # committed = prompt + emitted - 1
+        assert lm.cfg.mask_token_id not in slots  # no MASK KV survives a step
+        assert slots == SEQ[:length]  # the cache holds exactly the committed text
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_stop_token_inside_accepted_run_truncates(n: int) -> None:
+    seq = SEQ[:12] + [49] + SEQ[12:]  # EOS (49) right after token 12
+    out = isd_generate(OracleLM(seq), PROMPT, DecodeConfig(stride=n), SamplingParams(max_new_tokens=30))
+    assert out.tokens == seq[5:13] and out.tokens[-1] == 49
+    assert out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_max_new_tokens_exact_inside_accepted_run(n: int) -> None:
+    for m in (1, 2, 3, 7, 10):
+        out = isd_generate(OracleLM(SEQ), PROMPT, DecodeConfig(stride=n), SamplingParams(max_new_tokens=m))
+        assert out.tokens == SEQ[5:5 + m] and out.finish_reason == "length"
+
+
+def test_stop_token_ids_and_ignore_eos() -> None:
+    out = isd_generate(OracleLM(SEQ), PROMPT, DecodeConfig(stride=3),
+                       SamplingParams(max_new_tokens=30, stop_token_ids=(9,)))
+    assert out.tokens == [6, 7, 8, 9] and out.finish_reason == "stop"
+    seq = SEQ[:8] + [49] + SEQ[8:]
+    out = isd_generate(OracleLM(seq), PROMPT, DecodeConfig(stride=3), SamplingParams(max_new_tokens=6,
+                                                                                      ignore_eos=True))
+    assert out.tokens == seq[5:11]
+
+
+def test_padding_changes_nothing_but_work() -> None:
+    a = isd_generate(OracleLM(SEQ, wrong={8, 13}), PROMPT, DecodeConfig(stride=4), SamplingParams(max_new_tokens=20))
+    b = isd_generate(OracleLM(SEQ, wrong={8, 13}), PROMPT, DecodeConfig(stride=4, pad_windows=True),
+                     SamplingParams(max_new_tokens=20))
+    assert a.tokens == b.tokens and a.stats.forwards == b.stats.forwards
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_greedy_isd_equals_greedy_ar_tiny(family: str, n: int) -> None:
+    model = tiny_model(seed=n, family=family)
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+    for prompt in ([3, 17, 5, 9], [11, 2, 40, 41, 7, 60, 1]):
+        ar = ar_generate(model, prompt, params)
+        isd = isd_generate(model, prompt, DecodeConfig(stride=n), params)
+        assert isd.tokens == ar.tokens
+        assert ar.stats.forwards == 48 and isd.stats.tokens == 48
+
+
+def test_kv_cache_holds_exactly_the_committed_text_real_model() -> None:
+    """After every step the cache equals a fresh prefill of prompt + emitted[:-1] (so no MASK KV)."""
+    model = tiny_model(seed=7)
+    prompt = [5, 6, 7, 8]
+    checks = []
+
+    def hook(cache, tokens, state) -> None:
+        n = cache.length
+        assert n == len(prompt) + len(tokens) - 1
+        ref = model.new_cache(capacity=n + 1)
+        text = prompt + tokens[:-1]
+        model.hidden(torch.tensor(text), torch.arange(n), ref)
+        torch.testing.assert_close(cache.k[..., :n, :], ref.k[..., :n, :], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cache.v[..., :n, :], ref.v[..., :n, :], rtol=1e-4, atol=1e-5)
+        checks.append(n)
+
+    isd_generate(model, prompt, DecodeConfig(stride=3), SamplingParams(max_new_tokens=20, ignore_eos=True),
+                 on_step=hook)
+    assert len(checks) >= 7  # prefill + at least 6 more steps were checked
+
+
+def test_seeded_sampling_is_reproducible_and_seed_sensitive() -> None:
+    model = tiny_model(seed=3)
+    cfg = DecodeConfig(stride=3)
+    p1 = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=123, max_new_tokens=30, ignore_eos=True)
+    a, b = isd_generate(model, [1, 2, 3], cfg, p1), isd_generate(model, [1, 2, 3], cfg, p1)
+    assert a.tokens == b.tokens
+    c = isd_generate(model, [1, 2, 3], cfg, SamplingParams(temperature=1.0, seed=124, max_new_tokens=30,
+                                                            ignore_eos=True))
+    assert c.tokens != a.tokens
+
+
+def test_empty_prompt_rejected() -> None:
+    with pytest.raises(ValueError):
+        isd_generate(tiny_model(), [], DecodeConfig(), SamplingParams())
