@@ -1,0 +1,1 @@
+"""Tests of idlm.model: HF parity, KV cache, attention masks, loading."""
