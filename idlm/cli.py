@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     _add_model_args(b, "bf16")
 
+    f = sub.add_parser("forward-cost", help="cost of a k-token window vs a 1-token forward over a cached prefix",
+                       description="Median time of one forward that appends a window of k tokens to a cached "
+                                   "prefix, for several k, measured interleaved; ratios are vs k = 1. Ends with "
+                                   "one JSON line.")
+    f.add_argument("--prefix", type=int, default=512, help="cached prefix length (default 512)")
+    f.add_argument("--windows", default="1,2,3,4,5,7", help="comma list of window sizes (default 1,2,3,4,5,7)")
+    f.add_argument("--reps", type=int, default=20, help="timed repetitions per window (default 20)")
+    _add_model_args(f, "bf16")
+
     d = sub.add_parser("demo", help="the quick-start job: a few chat prompts with ISD and AR side by side")
     d.add_argument("--stride", type=int, default=3, help="ISD stride N (default 3)")
     d.add_argument("--max-new-tokens", type=int, default=96, help="tokens per prompt (default 96)")

@@ -174,7 +174,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
+def cmd_forward_cost(args: argparse.Namespace) -> int:
+    from .eval.bench import forward_cost
+
+    windows = _strides(args.windows)
+    if not windows or min(windows) < 1 or args.prefix < 1 or args.reps < 1:
+        raise ConfigError("--windows, --prefix and --reps must be positive")
+    lm = _setup(args)
+    rows = forward_cost(lm, args.prefix, windows, args.reps)
+    print(f"prefix {args.prefix} tokens, dtype {args.dtype}, {torch.get_num_threads()} threads, median of {args.reps}")
+    print(f"{'window':>7}{'ms':>9}{'vs 1':>7}")
+    for r in rows:
+        print(f"{r['window']:>7}{r['ms']:>9.2f}{r['ratio_vs_1']:>7.2f}")
+    print(json.dumps({"prefix": args.prefix, "dtype": args.dtype, "results": rows}))
+    return 0
+
+
+COMMANDS = {"forward-cost": cmd_forward_cost, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def dispatch(args: argparse.Namespace) -> int:

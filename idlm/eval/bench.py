@@ -82,3 +82,27 @@ def run_hf(lm: LoadedModel, prompts: list[list[int]], params: SamplingParams, dt
         res.seconds += dt
         res.outputs.append(new)
     return res
+
+
+def forward_cost(lm: LoadedModel, prefix: int, windows: list[int], reps: int = 20) -> list[dict]:
+    """Median wall time of one forward (hidden + logits at every window slot) appending ``w`` tokens to a
+    ``prefix``-token cache, for each w; windows are measured interleaved so machine noise hits all alike."""
+    model = lm.model
+    cache = model.new_cache(capacity=prefix + max(windows) + 1)
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.cfg.vocab_size
+    times: dict[int, list[float]] = {w: [] for w in windows}
+    with torch.inference_mode():
+        model.hidden(torch.randint(0, vocab, (prefix,), generator=gen), torch.arange(prefix), cache)
+        for rep in range(reps + 2):
+            for w in windows:
+                ids = torch.randint(0, vocab, (w,), generator=gen)
+                t = time.perf_counter()
+                model.logits(model.hidden(ids, prefix + torch.arange(w), cache)[0])
+                dt = time.perf_counter() - t
+                cache.crop(prefix)
+                if rep >= 2:  # two warm-up rounds
+                    times[w].append(dt)
+    med = {w: sorted(ts)[len(ts) // 2] for w, ts in times.items()}
+    base = med.get(1) or med[windows[0]]
+    return [{"window": w, "ms": round(1000 * med[w], 2), "ratio_vs_1": round(med[w] / base, 3)} for w in windows]

@@ -1,0 +1,38 @@
+"""Greedy ISD == greedy AR on the real default model (SmolLM2-135M-Instruct, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from idlm.config import DecodeConfig, SamplingParams
+from idlm.decode import ar_generate, isd_generate
+from idlm.eval.prompts import BUILTIN_PROMPTS, encode
+from idlm.model import load_model
+
+
+@pytest.fixture(scope="module")
+def real():
+    lm = load_model(None, dtype=torch.float32)
+    return lm.model, lm.tokenizer()
+
+
+def test_isd_equals_ar_quick(real) -> None:
+    model, tok = real
+    ids = encode(tok, BUILTIN_PROMPTS[3], chat=True)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    ar = ar_generate(model, ids, params)
+    isd = isd_generate(model, ids, DecodeConfig(stride=3), params)
+    assert isd.tokens == ar.tokens and len(ar.tokens) == 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_isd_equals_ar_128_tokens(real, n: int) -> None:
+    model, tok = real
+    params = SamplingParams(max_new_tokens=128, ignore_eos=True)
+    for text in BUILTIN_PROMPTS[:4]:
+        ids = encode(tok, text, chat=True)
+        ar = ar_generate(model, ids, params)
+        isd = isd_generate(model, ids, DecodeConfig(stride=n), params)
+        assert isd.tokens == ar.tokens, f"N={n} prompt {text[:30]!r}"

@@ -1,0 +1,91 @@
+"""The `idlm` command: bad input gives one error line and exit 2; generate/verify/bench print what they promise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from idlm.cli import main
+
+from .model.test_loading import _write_gguf
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "idlm.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", ""], "--prompt is empty"),
+    (["generate", "--prompt", "hi", "--stride", "9"], "--stride must be an integer in 2..8"),
+    (["generate", "--prompt", "hi", "--stride", "1"], "--stride must be an integer in 2..8"),
+    (["generate", "--prompt", "hi", "--temperature", "-0.5"], "--temperature must be >= 0"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--top-k", "-3"], "--top-k must be an integer >= 0"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be"),
+    (["generate", "--prompt", "hi", "--model", "/no/such/model"], "model not found"),
+    (["bench", "--modes", "ar,xyz"], "--modes takes a comma list"),
+    (["verify", "--prompts", "0"], "--prompts must be in"),
+])
+def test_bad_input_one_line_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("idlm: error:") and message in err[0]
+
+
+def test_nan_rejected_by_parser(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "hi", "--temperature", "nan"])
+    assert e.value.code == 2
+    assert "must be finite" in capsys.readouterr().err
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_unsupported_gguf_is_one_line(tmp_path: Path) -> None:
+    path = _write_gguf(tmp_path / "m.gguf", "gpt2")
+    r = run_cli(["generate", "--prompt", "hi", "--model", str(path)])
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("idlm: error: GGUF architecture 'gpt2' is not supported")
+
+
+def test_help_explains() -> None:
+    r = run_cli(["generate", "--help"])
+    assert r.returncode == 0 and "--stride" in r.stdout and "2..8" in r.stdout
+
+
+def test_generate_json_on_default_model() -> None:
+    r = run_cli(["generate", "--prompt", "What is the capital of France?", "--chat", "--json", "--stride", "3",
+                 "--max-new-tokens", "12", "--dtype", "fp32", "--threads", "2"])
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("text", "tokens", "forwards", "tpf", "tokens_per_s", "mode", "stride"):
+        assert key in rec
+    assert rec["mode"] == "isd" and rec["stride"] == 3
+    assert "Paris" in rec["text"]
+    assert rec["tpf"] == pytest.approx(rec["tokens"] / rec["forwards"], abs=1e-3)
+
+
+def test_verify_prints_fraction_last() -> None:
+    r = run_cli(["verify", "--stride", "3", "--prompts", "2", "--max-new-tokens", "24", "--threads", "2"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_bench_ends_with_json_line(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Say hello.\nName a color.\n")
+    r = run_cli(["bench", "--modes", "ar,isd,hf", "--stride", "2,3", "--prompts", "2", "--prompt-file", str(prompts),
+                 "--max-new-tokens", "8", "--threads", "2", "--dtype", "fp32"])
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    modes = [(x["mode"], x["stride"]) for x in rec["results"]]
+    assert modes == [("ar", 1), ("isd", 2), ("isd", 3), ("hf", 1)]
+    for x in rec["results"]:
+        assert set(x) >= {"mode", "stride", "tokens_per_s", "tpf", "forwards", "tokens"}
+        assert x["tokens"] > 0
+    ar, hf = rec["results"][0], rec["results"][-1]
+    assert ar["tpf"] == 1.0 and ar["tokens"] == hf["tokens"]  # same greedy text length as transformers
