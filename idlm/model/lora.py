@@ -56,10 +56,12 @@ class GatedLoRAProj(Proj):
             return y
         flat_x = x.reshape(-1, self.in_features)
         g = gate.reshape(-1, 1).index_select(0, rows).to(x.dtype)  # (R, 1)
-        delta = F.linear(F.linear(flat_x.index_select(0, rows), self.lora_A), self.lora_B)  # (R, out)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # fp32 adapters over a bf16 base
+        delta = F.linear(F.linear(flat_x.index_select(0, rows), a), b)  # (R, out)
         delta = delta * (g * self.scale)
-        out = y.reshape(-1, self.out_features).index_add(0, rows, delta.to(y.dtype))
-        return out.view_as(y)
+        # in place on the fresh matmul output (linear's backward does not need it): no copy of y
+        y.view(-1, self.out_features).index_add_(0, rows, delta.to(y.dtype))
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
@@ -151,7 +153,7 @@ def load_lora(model: Decoder, state: dict[str, torch.Tensor], alpha: float | Non
         if ALPHA_KEY not in state:
             raise ValueError(f"adapter state has no {ALPHA_KEY!r}; pass alpha")
         alpha = float(state[ALPHA_KEY])
-    ranks = {k.rsplit(".", 2)[0]: v.shape[0] for k, v in state.items() if k.endswith(".lora_A")}
+    ranks = {k.rsplit(".", 1)[0]: v.shape[0] for k, v in state.items() if k.endswith(".lora_A")}
     if not ranks:
         raise ValueError("adapter state has no lora_A tensors")
     if len(set(ranks.values())) != 1:

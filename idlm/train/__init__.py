@@ -16,4 +16,5 @@ from .mask import idlm_mask, training_mask
 
 __all__ = ["ConvertConfig", "ConvertResult", "ConvertedMeta", "DataGenConfig", "LoadedConverted", "Sample",
            "Stage", "TrainBatch", "collate", "field_help", "generate_data", "idlm_mask", "load_converted",
-           "load_prompts", "load_samples", "parse_stages", "run_convert", "run_data_generate", "training_mask"]
+           "load_prompts", "load_samples", "parse_stages", "run_convert", "run_data_generate",
+           "training_mask"]

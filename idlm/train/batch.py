@@ -46,7 +46,7 @@ class TrainBatch:
     gate: torch.Tensor  # (R, m) float 0/1: 1 at MASK slots (gated LoRA on), 0 elsewhere
     noisy_targets: torch.Tensor  # (R, m) long: x[i+1] at masked response slots with a next token, else -100
     clean_targets: torch.Tensor  # (R, n) long: x[i+1] where that is a response token, else -100
-    draft_k: torch.Tensor  # (R, m) long: k = MASK's rank after the last visible clean token (1..B), 0 = no loss
+    draft_k: torch.Tensor  # (R, m) long: MASK's rank k (1..B) after the last visible clean token; 0 = no loss
     block: int  # training block size B (MASKs per block)
     n_samples: int  # samples packed into this batch
     n_response: int  # response tokens in the batch = CE_noisy denominator (spec §2.1)
@@ -151,7 +151,8 @@ def _row(samples: list[Sample], m: int, n: int, block: int, mask_id: int, pad_id
     ids = torch.tensor(cat(noisy, "ids") + cat(clean, "ids"))
     return {"input_ids": ids, "positions": layout.loc, "attn_mask": training_mask(layout, block),
             "gate": (ids[:m] == mask_id).float(), "noisy_targets": torch.tensor(cat(noisy, "targets")),
-            "clean_targets": torch.tensor(cat(clean, "targets")), "draft_k": torch.tensor(cat(noisy, "draft_k"))}
+            "clean_targets": torch.tensor(cat(clean, "targets")),
+            "draft_k": torch.tensor(cat(noisy, "draft_k"))}
 
 
 def collate(rows: list[list[Sample]], block: int, mask_id: int, pad_id: int = 0, pad_multiple: int = 8,

@@ -49,10 +49,10 @@ def parse_stages(text: str) -> tuple[Stage, ...]:
 class ConvertConfig:
     """Convert a causal LM into an I-DLM (full) or train an R-ISD gated LoRA adapter (lora)."""
 
-    data: tuple[str, ...]  # training JSONL files (output of `idlm data generate`, or {"prompt","response"} / {"messages"} records)
+    data: tuple[str, ...]  # training JSONL: `idlm data generate` output, {prompt,response} or {messages}
     out: str  # output directory: converted model or adapter, idlm_convert.json, train_log.jsonl, checkpoint/
-    model: str | None = None  # base model (folder, .gguf, hub id); default: the embedded SmolLM2-135M-Instruct
-    mode: str = "lora"  # full = train all weights (I-DLM); lora = gated LoRA on MASK positions only (R-ISD, lossless)
+    model: str | None = None  # base model (folder, .gguf, hub id); default: embedded SmolLM2-135M-Instruct
+    mode: str = "lora"  # full = all weights (I-DLM); lora = gated LoRA on MASKs only (R-ISD, lossless)
     stages: str = "3:200"  # stride curriculum N:STEPS,...; stage N trains B = N-1 MASKs per block
     lr: float = 0.0  # peak learning rate; 0 = 1e-5 for full, 2e-4 for lora
     weight_decay: float = 0.0  # AdamW weight decay
@@ -61,17 +61,17 @@ class ConvertConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     grad_accum: int = 1  # micro-batches per optimizer step
     batch_rows: int = 1  # packed rows per micro-batch
-    row_tokens: int = 1024  # token budget of one packed row (sum of sample lengths; the row is twice as long)
-    max_len: int = 1024  # truncate each sample (prompt + response) to this many tokens
+    row_tokens: int = 512  # token budget of one packed row (sum of sample lengths; the row is twice as long)
+    max_len: int = 512  # truncate each sample (prompt + response) to this many tokens
     ce_alpha: float = 0.2  # fixed weight of CE_clean (full mode)
-    auto_balance_from: int = 4  # stages with stride N >= this weight CE_clean by stopgrad(CE_noisy/CE_clean); 0 = never
+    auto_balance_from: int = 4  # stages with N >= this auto-balance CE_clean (detached ratio); 0 = never
     lora_rank: int = 32  # LoRA rank r (lora mode)
     lora_alpha: float = 64.0  # LoRA alpha; the update is scaled by alpha / r
     lora_targets: str = "qkv,o,gate_up,down"  # projections that get adapters
     train_mask_row: bool = True  # also train the MASK embedding row (lora mode; it only feeds MASK positions)
-    precision: str = "auto"  # fp32 | bf16 (autocast) | auto (bf16 on GPUs that support it, fp32 on CPU)
+    precision: str = "auto"  # fp32 | bf16 (autocast) | auto (bf16 where the hardware has native bf16)
     trim_prompt: bool = True  # drop noisy-half prompt tokens that no loss position can see
-    save_every: int = 100  # write a checkpoint (and the current export) every this many steps (0 = only at the end)
+    save_every: int = 100  # checkpoint (and export) every this many steps; 0 = only at the end
     resume: bool = False  # continue from OUT/checkpoint/state.pt
     stop_at: int = 0  # stop (after checkpointing) once this global step is reached; 0 = run all stages
     seed: int = 0  # data order seed
@@ -88,7 +88,9 @@ class ConvertConfig:
         if not self.data:
             raise ValueError("--data: give at least one JSONL file")
         parse_stages(self.stages)
-        for name in ("grad_accum", "batch_rows", "row_tokens", "max_len", "lora_rank", "log_every", "loss_chunk"):
+        positive = ("grad_accum", "batch_rows", "row_tokens", "max_len", "lora_rank", "log_every",
+                    "loss_chunk")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_len > self.row_tokens:
@@ -115,7 +117,7 @@ class ConvertConfig:
 class DataGenConfig:
     """Regenerate assistant turns with the base model itself (self-distillation data, spec §2.5)."""
 
-    prompts: tuple[str, ...]  # prompt sources: gsm8k (train split), builtin, or JSONL files of {"prompt"} / {"messages"}
+    prompts: tuple[str, ...]  # sources: gsm8k (train split), builtin, JSONL of {"prompt"} / {"messages"}
     out: str  # output JSONL; appended to, prompts already present are skipped (resume)
     model: str | None = None  # base model; default: the embedded SmolLM2-135M-Instruct
     max_new_tokens: int = 256  # generation length cap per response

@@ -88,9 +88,9 @@ def _prompt_from_record(rec: dict[str, Any], source: str) -> PromptItem:
             msgs = msgs[:-1]
         return PromptItem(tuple(msgs), source)
     text = rec.get("prompt", rec.get("question"))
-    if not isinstance(text, str):
+    if text is None:
         raise ValueError(f"{source}: record has none of 'prompt', 'question', 'messages': {str(rec)[:80]}")
-    return PromptItem((("user", text),), source)
+    return PromptItem((("user", str(text)),), source)
 
 
 def _dedup(items: list[PromptItem]) -> list[PromptItem]:

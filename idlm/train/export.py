@@ -26,8 +26,9 @@ from ..model.lora import lora_state_dict
 
 META_FILE = "idlm_convert.json"
 ADAPTER_FILE = "adapter.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
+                   "generation_config.json")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class LoadedConverted:
 def _atomic_write_bytes(path: Path, writer) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     writer(tmp)
+    os.chmod(tmp, 0o644)  # safetensors creates files 0600
     os.replace(tmp, path)
 
 
@@ -125,7 +127,8 @@ def ours_to_hf(model: Decoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_converted(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedConverted:
+def load_converted(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+                   ) -> LoadedConverted:
     """Load a converted model for inference: base + adapter (lora) or the full weights (full)."""
     from safetensors.torch import load_file
 

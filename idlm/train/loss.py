@@ -2,8 +2,9 @@
 per-offset draft accuracy.
 
 Only rows that carry a loss are projected to the vocabulary: the hidden rows are gathered first and
-the output head runs on them in chunks, each chunk under activation checkpointing, so at most one
-(chunk, vocab) logit block is alive at a time, in the forward and in the backward.
+the output head runs on them in chunks. When there is more than one chunk, each runs under
+activation checkpointing, so at most one (chunk, vocab) logit block is alive at a time, in the forward
+and in the backward (a single chunk is kept: recomputing it would only cost time).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def chunked_ce(model: Decoder, hidden: torch.Tensor, targets: torch.Tensor, chun
     preds = []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and hidden.shape[0] > chunk:
             loss, pred = checkpoint(_ce_block, model, h, t, use_reentrant=False)
         else:
             loss, pred = _ce_block(model, h, t)
