@@ -139,10 +139,20 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
     stop = _Stopper(params, model.cfg.eos_token_ids)
     cache = model.new_cache(capacity=len(prompt) + params.max_new_tokens + 2 * cfg.window)
 
+    gated = model.has_adapters  # R-ISD: adapters act on draft MASK slots only, so the anchor is the base
+
+    def gate_for(n_clean: int, n_total: int) -> torch.Tensor | None:
+        """1 on the N-1 draft MASKs right after the clean slots, 0 elsewhere (spec §4)."""
+        if not gated:
+            return None
+        g = torch.zeros(n_total)
+        g[n_clean: n_clean + n_drafts] = 1.0
+        return g
+
     # 1. Prefill + first drafts: [prompt, MASK * (N-1)]; read logits from the last prompt slot on.
     p_len = len(prompt)
     ids = torch.tensor(prompt + [mask] * n_drafts)
-    hidden = model.hidden(ids, torch.arange(len(ids)), cache)[0]
+    hidden = model.hidden(ids, torch.arange(len(ids)), cache, gate=gate_for(p_len, len(ids)))[0]
     logits = model.logits(hidden[p_len - 1:])  # (N, V)
     stats.forwards += 1
     t0 = next_token(logits[0], params, gen)
@@ -160,7 +170,8 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
         if cfg.pad_windows:
             window += [mask] * (cfg.window - len(window))
         start = cache.length
-        hidden = model.hidden(torch.tensor(window), start + torch.arange(len(window)), cache)[0]
+        gate = gate_for(1 + s, len(window))
+        hidden = model.hidden(torch.tensor(window), start + torch.arange(len(window)), cache, gate=gate)[0]
         logits = model.logits(hidden[: 1 + s + n_drafts])  # padding MASKs are never read
         stats.forwards += 1
         step = isd_step(logits, state, n_drafts, params, cfg.sampling_mode, gen)

@@ -92,6 +92,30 @@ class _Attn:
     causal: bool  # use is_causal (no mask, no cache)
 
 
+SMALL_WINDOW = 16  # decode windows up to this many tokens use the explicit attention below
+
+
+def _small_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of a few new queries over a cached prefix, as three plain ops.
+
+    q: (B, H, T, D); k, v: (B, Hkv, S, D); mask: (T, S) bool or None. Query heads that share a K/V head
+    are stacked along the row axis so GQA needs no K/V copy. On CPU this is several times faster than
+    the fused SDPA kernel for T <= 16 in bf16. Softmax runs in fp32.
+    """
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv
+    q3 = q.reshape(b * hkv, g * t, d)
+    k3, v3 = k.reshape(b * hkv, s, d), v.reshape(b * hkv, s, d)  # views of the cache (no copy)
+    scores = torch.bmm(q3, k3.transpose(1, 2)).float() * d ** -0.5  # (B*Hkv, G*T, S)
+    if mask is not None:  # (T, S) or (B, 1, T, S)
+        m = mask if mask.dim() == 2 else mask[:, :, None]  # (B, 1, 1, T, S)
+        scores = scores.view(b, hkv, g, t, s).masked_fill(~m, float("-inf")).view(b * hkv, g * t, s)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.bmm(probs, v3).view(b, h, t, d)
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
@@ -123,8 +147,11 @@ class Layer(nn.Module):
             c.k[self.index, :, :, attn.start:end] = k
             c.v[self.index, :, :, attn.start:end] = v
             k, v = c.k[self.index, :, :, :end], c.v[self.index, :, :, :end]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.causal,
-                                           enable_gqa=cfg.num_kv_heads != cfg.num_heads)
+        if attn.cache is not None and t <= SMALL_WINDOW:
+            o = _small_window_attention(q, k, v, attn.mask)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.causal,
+                                               enable_gqa=cfg.num_kv_heads != cfg.num_heads)
         x = x + self.o(o.transpose(1, 2).reshape(b, t, cfg.q_size), gate)
         g, u = self.gate_up(self.ln2(x), gate).chunk(2, dim=-1)
         return x + self.down(F.silu(g) * u, gate)
@@ -144,6 +171,11 @@ class Decoder(nn.Module):
         self.rope = RotaryTable(cfg)
 
     @property
+    def has_adapters(self) -> bool:
+        """True when gated LoRA adapters are attached (R-ISD): drafts then need gate = 1 on MASK slots."""
+        return any(hasattr(m, "lora_A") for m in self.modules())
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
@@ -151,14 +183,17 @@ class Decoder(nn.Module):
         return KVCache(self.cfg, batch, capacity, self.dtype, self.embed.weight.device)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-               attn_mask: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+               attn_mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+               key_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, hidden). ids/positions: (B, T) or (T,).
-        ``gate`` (B, T) or (T,) in {0, 1} switches gated LoRA adapters on per token."""
+        ``gate`` (B, T) or (T,) in {0, 1} switches gated LoRA adapters on per token.
+        ``key_valid`` (B, cache.length + T) bool marks real (non-padding) cache slots for batched
+        decoding of left-padded prompts; a padding slot attends only to itself."""
         if input_ids.dim() == 1:
             input_ids, positions = input_ids[None], positions[None]
             gate = gate[None] if gate is not None else None
         b, t = input_ids.shape
-        attn = self._attn_args(b, t, cache, attn_mask)
+        attn = self._attn_args(b, t, cache, attn_mask, key_valid)
         cos, sin = self.rope.lookup(positions, self.dtype)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
         g = gate[..., None].to(self.dtype) if gate is not None else None  # (B, T, 1)
@@ -169,7 +204,8 @@ class Decoder(nn.Module):
             cache.length = attn.start + t
         return self.norm(x)
 
-    def _attn_args(self, b: int, t: int, cache: KVCache | None, attn_mask: torch.Tensor | None) -> _Attn:
+    def _attn_args(self, b: int, t: int, cache: KVCache | None, attn_mask: torch.Tensor | None,
+                   key_valid: torch.Tensor | None = None) -> _Attn:
         if cache is not None:
             if attn_mask is not None:
                 raise ValueError("pass either a cache (causal) or an attention mask, not both")
@@ -178,9 +214,13 @@ class Decoder(nn.Module):
             start = cache.length
             cache.reserve(t)
             mask = None
-            if t > 1:  # window over a prefix: query i sees slots <= start + i
+            if t > 1 or key_valid is not None:  # window over a prefix: query i sees slots <= start + i
                 keys = torch.arange(start + t, device=cache.device)
-                mask = keys[None, :] <= (start + torch.arange(t, device=cache.device))[:, None]
+                rows = start + torch.arange(t, device=cache.device)
+                mask = keys[None, :] <= rows[:, None]  # (T, S)
+                if key_valid is not None:  # (B, 1, T, S): real keys, and every slot sees itself
+                    mask = (mask & key_valid[:, None, :]) | (keys[None, :] == rows[:, None])
+                    mask = mask[:, None]
             return _Attn(cache, start, mask, False)
         if attn_mask is not None:
             mask = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask  # (B, 1, T, T)

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,9 +33,10 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class LoadedModel:
-    model: Decoder  # our decoder, eval mode
+    model: Decoder  # our decoder, eval mode (with gated LoRA adapters for an R-ISD model)
     folder: Path  # HF-layout folder the weights came from (tokenizer lives here too)
     name: str  # what the user asked for
+    meta: Any = None  # ConvertedMeta of a converted I-DLM / R-ISD model, None for a plain base model
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -64,7 +66,7 @@ def resolve_folder(name: str | None) -> Path:
     if p.is_file() and p.suffix == ".gguf":
         return gguf_to_folder(p)
     if p.is_dir():
-        if (p / "config.json").exists():
+        if (p / "config.json").exists() or (p / "idlm_convert.json").exists():
             return p
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -211,6 +213,10 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str = 
 def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load a base model (or converted I-DLM) by name: None = embedded default, a folder, a .gguf, a hub id."""
     folder = resolve_folder(name)
+    if (folder / "idlm_convert.json").exists():  # a converted I-DLM or an R-ISD adapter folder
+        from .converted import load_converted
+
+        return load_converted(folder, dtype, device).loaded
     try:
         model = load_folder(folder, dtype, device)
     except KeyError as e:

@@ -71,11 +71,13 @@ def gated_rows(gate: torch.Tensor) -> torch.Tensor:
     """Flat indices of the non-zero gate entries. One gate tensor is shared by every projection of
     every layer in a forward, so the indices are cached on it, keyed by its version counter (an
     in-place update of a persistent gate invalidates the cache)."""
+    # inference-mode tensors have no version counter; decoders build a fresh gate per forward
+    version = None if gate.is_inference() else gate._version
     cached = getattr(gate, "_idlm_rows", None)
-    if cached is not None and cached[0] == gate._version:
+    if cached is not None and cached[0] == version:
         return cached[1]
     rows = gate.reshape(-1).nonzero().squeeze(1)
-    gate._idlm_rows = (gate._version, rows)  # type: ignore[attr-defined]
+    gate._idlm_rows = (version, rows)  # type: ignore[attr-defined]
     return rows
 
 

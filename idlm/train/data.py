@@ -128,6 +128,7 @@ def generate_data(prompts: list[PromptItem], out_path: str | Path, max_new_token
     todo = prompts[:limit] if limit else list(prompts)
     done = done_keys(out_path)
     pending = [p for p in todo if p.key not in done]
+    pending.sort(key=lambda p: sum(len(c) for _, c in p.messages))  # similar lengths share a batch
     if not pending:
         return GenerateResult(out_path, 0, len(todo), 0)
     gen = _Generator(model, device, seed)
@@ -149,43 +150,34 @@ def generate_data(prompts: list[PromptItem], out_path: str | Path, max_new_token
 
 
 class _Generator:
-    """HF transformers ``generate`` over the base model's folder (tokenizer + chat template there)."""
+    """Our own decoder, batched over left-padded prompts (``idlm.decode.batch``); the tokenizer and chat
+    template come from the base model's folder. bf16 on CPU (about 3x faster than transformers'
+    ``generate`` here), fp32 elsewhere."""
 
     def __init__(self, model: str | None, device: str, seed: int):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from ..model.loading import DEFAULT_MODEL, resolve_folder
+        from ..model.loading import DEFAULT_MODEL, load_model
 
         self.name = model or DEFAULT_MODEL
-        folder = resolve_folder(model)
-        self.tok = AutoTokenizer.from_pretrained(str(folder))
-        self.tok.padding_side = "left"
-        if self.tok.pad_token_id is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.device = device
-        self.hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
-        eos = self.hf.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
+        dtype = torch.bfloat16 if device == "cpu" else torch.float32
+        lm = load_model(model, dtype=dtype, device=device)
+        self.model = lm.model
+        self.tok = lm.tokenizer()
+        eos = list(self.model.cfg.eos_token_ids)
         self.eos = {e for e in eos + [self.tok.eos_token_id] if e is not None}
-        self.seed = seed
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(self.eos))
+        self.device = device
+        self.gen = torch.Generator().manual_seed(seed)
 
     def prompt_ids(self, item: PromptItem) -> list[int]:
         text = self.tok.apply_chat_template(item.chat(), add_generation_prompt=True, tokenize=False)
         return self.tok(text, add_special_tokens=False).input_ids
 
-    @torch.no_grad()
     def answer(self, items: list[PromptItem], max_new_tokens: int, temperature: float) -> list[dict]:
+        from ..decode.batch import batched_generate
+
         ids = [self.prompt_ids(it) for it in items]
-        width = max(map(len, ids))
-        pad = self.tok.pad_token_id
-        inp = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-        att = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        torch.manual_seed(self.seed + sum(map(len, ids)))
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
-            if temperature > 0 else {"do_sample": False}
-        out = self.hf.generate(input_ids=inp, attention_mask=att, max_new_tokens=max_new_tokens,
-                               pad_token_id=pad, **sampling)
-        return [self._record(it, x, out[i, width:].tolist()) for i, (it, x) in enumerate(zip(items, ids))]
+        outs = batched_generate(self.model, ids, max_new_tokens, self.eos, temperature, self.gen, self.pad)
+        return [self._record(it, x, new) for it, x, new in zip(items, ids, outs)]
 
     def _record(self, item: PromptItem, prompt_ids: list[int], new: list[int]) -> dict:
         cut = next((i for i, t in enumerate(new) if t in self.eos), None)

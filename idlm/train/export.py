@@ -22,43 +22,12 @@ import torch
 
 from ..model.decoder import Decoder
 from ..model.loading import LoadedModel, load_model, read_config
+from ..model.converted import ADAPTER_FILE, META_FILE, ConvertedMeta, LoadedConverted, load_converted  # noqa: F401
 from ..model.lora import lora_state_dict
 
-META_FILE = "idlm_convert.json"
-ADAPTER_FILE = "adapter.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
                    "generation_config.json")
-
-
-@dataclass(frozen=True)
-class ConvertedMeta:
-    """Small JSON description of a converted model."""
-
-    base_model: str  # what load_model() should load as the base (name, folder or hub id)
-    mode: str  # full | lora
-    mask_token_id: int  # MASK input id
-    block_size: int  # training block size B of the last stage (MASKs per block)
-    stride: int  # ISD stride N = B + 1 it was trained for
-    steps: int  # optimizer steps trained
-    lora_rank: int = 0  # LoRA rank (lora mode)
-    lora_alpha: float = 0.0  # LoRA alpha (lora mode)
-    lora_targets: tuple[str, ...] = ()  # adapted projections (lora mode)
-    format_version: int = 1
-
-    @classmethod
-    def read(cls, folder: Path) -> ConvertedMeta:
-        d = json.loads((folder / META_FILE).read_text())
-        d["lora_targets"] = tuple(d.get("lora_targets", ()))
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-@dataclass
-class LoadedConverted:
-    """A converted model ready for inference (frozen, eval mode)."""
-
-    loaded: LoadedModel  # the decoder (LoRA-wrapped in lora mode) and the folder holding the tokenizer
-    meta: ConvertedMeta  # what was trained
 
 
 def _atomic_write_bytes(path: Path, writer) -> None:
@@ -127,22 +96,3 @@ def ours_to_hf(model: Decoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_converted(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
-                   ) -> LoadedConverted:
-    """Load a converted model for inference: base + adapter (lora) or the full weights (full)."""
-    from safetensors.torch import load_file
-
-    from ..model.lora import load_lora
-
-    folder = Path(path)
-    meta = ConvertedMeta.read(folder)
-    if meta.mode == "full":
-        loaded = load_model(str(folder), dtype, device)
-        return LoadedConverted(LoadedModel(loaded.model, loaded.folder, str(folder)), meta)
-    loaded = load_model(meta.base_model, dtype, device)
-    if loaded.model.cfg.mask_token_id != meta.mask_token_id:
-        raise ValueError(f"{folder}: adapter was trained with MASK id {meta.mask_token_id}, base model uses "
-                         f"{loaded.model.cfg.mask_token_id}")
-    state = {k: v.to(device=device) for k, v in load_file(str(folder / ADAPTER_FILE)).items()}
-    load_lora(loaded.model, state, meta.lora_alpha)
-    return LoadedConverted(loaded, meta)

@@ -119,3 +119,31 @@ def test_seeded_sampling_is_reproducible_and_seed_sensitive() -> None:
 def test_empty_prompt_rejected() -> None:
     with pytest.raises(ValueError):
         isd_generate(tiny_model(), [], DecodeConfig(), SamplingParams())
+
+
+def test_risd_gated_lora_keeps_base_greedy_output() -> None:
+    """With gated LoRA (gate on draft MASKs only) the anchor is the base model: ISD == base AR."""
+    from idlm.model.lora import add_lora
+
+    base = tiny_model(seed=11)
+    adapted = tiny_model(seed=11)
+    add_lora(adapted, rank=4, alpha=8.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name or "mask_row" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    assert adapted.has_adapters and not base.has_adapters
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompt = [4, 8, 15, 16, 23, 42]
+    ref = ar_generate(base, prompt, params)
+    for n in (2, 4):
+        out = isd_generate(adapted, prompt, DecodeConfig(stride=n), params)
+        assert out.tokens == ref.tokens
+    # the adapters really change the drafts (else this test could not fail)
+    ids, pos = torch.tensor(prompt + [base.cfg.mask_token_id] * 3), torch.arange(len(prompt) + 3)
+    gate = torch.tensor([0.0] * len(prompt) + [1.0] * 3)
+    a = adapted.logits(adapted.hidden(ids, pos, gate=gate))[0]
+    b = base.logits(base.hidden(ids, pos))[0]
+    assert torch.equal(a[: len(prompt)], b[: len(prompt)])
+    assert not torch.allclose(a[len(prompt):], b[len(prompt):])

@@ -48,11 +48,12 @@ class OracleLM:
         self.seq, self.vocab, self.wrong = seq, vocab, set(wrong)
         self.cfg = SimpleNamespace(mask_token_id=vocab, eos_token_ids=(eos,), vocab_size=vocab)
         self.forwards = 0
+        self.has_adapters = False
 
     def new_cache(self, batch: int = 1, capacity: int = 0) -> _OracleCache:  # noqa: ARG002
         return _OracleCache()
 
-    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, cache: _OracleCache) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, cache: _OracleCache, gate=None) -> torch.Tensor:
         assert positions.tolist() == list(range(cache.length, cache.length + len(ids))), "positions not contiguous"
         self.forwards += 1
         cache.tokens += ids.tolist()
