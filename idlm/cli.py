@@ -55,6 +55,30 @@ def _add_isd_args(p: argparse.ArgumentParser) -> None:
                         "sampling (default); reference: argmax drafts as in the reference system (approximate)")
 
 
+def _add_dataclass_args(p: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = ()) -> None:
+    """One --flag per dataclass field; help text = the field's trailing comment (train/config.py)."""
+    import dataclasses
+
+    from .train.config import field_help
+
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is dataclasses.MISSING else f.default
+        h = helps.get(f.name, "")
+        if f.name in required:
+            nargs = "+" if "tuple" in str(f.type) else None
+            p.add_argument(flag, dest=f.name, required=True, nargs=nargs, help=h)
+        elif isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=h)
+        elif isinstance(default, float):
+            p.add_argument(flag, dest=f.name, type=_float, default=default, help=f"{h} (default {default})")
+        elif isinstance(default, int):
+            p.add_argument(flag, dest=f.name, type=int, default=default, help=f"{h} (default {default})")
+        else:
+            p.add_argument(flag, dest=f.name, default=default, help=f"{h} (default {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models: decode several "
                                  "tokens per forward with Introspective Strided Decoding (ISD).")
@@ -101,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--windows", default="1,2,3,4,5,7", help="comma list of window sizes (default 1,2,3,4,5,7)")
     f.add_argument("--reps", type=int, default=20, help="timed repetitions per window (default 20)")
     _add_model_args(f, "bf16")
+
+    from .train.config import ConvertConfig, DataGenConfig
+
+    c = sub.add_parser("convert", help="introspective-consistency training: base LM -> I-DLM (full) or R-ISD adapter (lora)",
+                       description="Train a causal LM into an I-DLM (spec §1-2). --mode lora trains a gated LoRA "
+                                   "active only on MASK positions (R-ISD: the anchor stays exactly the base model). "
+                                   "Runs unchanged under torchrun / accelerate launch.")
+    _add_dataclass_args(c, ConvertConfig, required=("data", "out"))
+
+    data = sub.add_parser("data", help="self-distillation data")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    dg = dsub.add_parser("generate", help="answer prompts with the base model itself (resumable JSONL)",
+                         description="Regenerate assistant turns with the base model (batched, appending, "
+                                     "skipping prompts already done). Sources: gsm8k (train split), builtin, or "
+                                     "JSONL files of {\"prompt\"} / {\"messages\"}.")
+    _add_dataclass_args(dg, DataGenConfig, required=("prompts", "out"))
 
     d = sub.add_parser("demo", help="the quick-start job: a few chat prompts with ISD and AR side by side")
     d.add_argument("--stride", type=int, default=3, help="ISD stride N (default 3)")

@@ -190,7 +190,40 @@ def cmd_forward_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"forward-cost": cmd_forward_cost, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
+def _dataclass_from_args(cls: type, args: argparse.Namespace):
+    import dataclasses
+
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    for k, v in kw.items():
+        if isinstance(v, list):
+            kw[k] = tuple(v)
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .train.config import ConvertConfig
+    from .train.loop import run_convert
+
+    cfg = _dataclass_from_args(ConvertConfig, args)
+    res = run_convert(cfg)
+    print(json.dumps({"out": str(getattr(res, "out_dir", cfg.out)), "result": str(res)}))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .train.config import DataGenConfig
+    from .train.data import run_data_generate
+
+    cfg = _dataclass_from_args(DataGenConfig, args)
+    res = run_data_generate(cfg)
+    print(f"{res.out_path}: {res.generated} new records, {res.skipped} already there, {res.response_tokens} tokens")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "data": cmd_data, "forward-cost": cmd_forward_cost, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def dispatch(args: argparse.Namespace) -> int:
