@@ -13,10 +13,9 @@ One ISD step is "extend the cache by a window, keep m slots" (spec §3.6, pitfal
   step (no specs) from the correction, because this step's clean token and drafts were conditioned
   on rejected text (pitfall 6).
 
-Prefill (our cold start): the prompt is followed by N-1 MASKs in the same forward, so the first
-token comes from the last prompt position and the first drafts from the MASKs (the k-th MASK after
-the last clean token predicts k+1 tokens ahead); the MASK slots are then dropped. This replaces the
-reference's separate cold step after prefill and saves one forward per request.
+Prefill is the same forward AR runs; its last slot gives the first token, and the first step is a
+cold step. (Appending N-1 MASKs to the prefill would save that forward, but a longer prefill rounds
+differently in the attention kernel, which breaks bit-exact equality with AR; see README, Numerics.)
 
 Invariant after every step: committed cache length = prompt + emitted - 1 (the pending token, or
 the correction, is emitted before its KV exists) and no MASK slot survives.
@@ -149,16 +148,13 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
         g[n_clean: n_clean + n_drafts] = 1.0
         return g
 
-    # 1. Prefill + first drafts: [prompt, MASK * (N-1)]; read logits from the last prompt slot on.
+    # 1. Prefill exactly as AR does; the first token comes from the last prompt slot. The first step
+    #    is then a cold step [t0, MASK * (N-1)] that yields the clean token and the first drafts.
     p_len = len(prompt)
-    ids = torch.tensor(prompt + [mask] * n_drafts)
-    hidden = model.hidden(ids, torch.arange(len(ids)), cache, gate=gate_for(p_len, len(ids)))[0]
-    logits = model.logits(hidden[p_len - 1:])  # (N, V)
+    hidden = model.hidden(torch.tensor(prompt), torch.arange(p_len), cache)[0]
     stats.forwards += 1
-    t0 = next_token(logits[0], params, gen)
-    drafts, q = propose(logits[1:], params, cfg.sampling_mode, gen)
-    cache.crop(p_len)
-    state = ISDState(t0, drafts, q)
+    t0 = next_token(model.logits(hidden[-1:])[0], params, gen)
+    state = ISDState(t0)
     done = stop.push([t0])
     if on_step:
         on_step(cache, stop.tokens, state)
@@ -201,7 +197,7 @@ def ar_generate(model: Decoder, prompt: list[int], params: SamplingParams,
     stop = _Stopper(params, model.cfg.eos_token_ids)
     cache = model.new_cache(capacity=len(prompt) + params.max_new_tokens + 1)
     hidden = model.hidden(torch.tensor(prompt), torch.arange(len(prompt)), cache)[0]
-    tok = next_token(model.logits(hidden[-1]), params, gen)
+    tok = next_token(model.logits(hidden[-1:])[0], params, gen)
     stats.forwards += 1
     done = stop.push([tok])
     while not done:
@@ -209,7 +205,7 @@ def ar_generate(model: Decoder, prompt: list[int], params: SamplingParams,
             on_step(cache, stop.tokens, None)
         start = cache.length
         hidden = model.hidden(torch.tensor([tok]), torch.tensor([start]), cache)[0]
-        tok = next_token(model.logits(hidden[-1]), params, gen)
+        tok = next_token(model.logits(hidden[-1:])[0], params, gen)
         stats.forwards += 1
         done = stop.push([tok])
     stats.tokens = len(stop.tokens)

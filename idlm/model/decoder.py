@@ -25,11 +25,25 @@ from .config import ModelConfig
 from .rope import RotaryTable, apply_rotary
 
 
+def row_stable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` whose result for a row does not depend on how many rows are in the batch.
+
+    On CPU a single-row bf16 matmul can take a different kernel (for some shapes, e.g. 576x1536) that
+    rounds differently from the multi-row one, so a one-token AR step and a multi-token ISD window
+    would disagree in the last bit. A single row is therefore computed as two identical rows (same
+    cost: the matmul is memory-bound). Measured: every M >= 2 agrees bit for bit with M = 16.
+    """
+    if x.numel() == x.shape[-1] and not torch.is_grad_enabled():
+        x2 = x.reshape(1, -1).expand(2, -1)
+        return F.linear(x2, weight, bias)[:1].view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
 class Proj(nn.Linear):
     """A linear layer whose forward takes an (ignored) per-token gate; LoRA subclasses use it."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
-        return F.linear(x, self.weight, self.bias)
+        return row_stable_linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -147,7 +161,13 @@ class Layer(nn.Module):
             c.k[self.index, :, :, attn.start:end] = k
             c.v[self.index, :, :, attn.start:end] = v
             k, v = c.k[self.index, :, :, :end], c.v[self.index, :, :, :end]
-        if attn.cache is not None and t <= SMALL_WINDOW:
+        if attn.cache is not None and t <= SMALL_WINDOW and b == 1:
+            # Row by row over exactly the keys each query may see: the same ops and shapes as a
+            # one-token step, so a window reproduces AR's numbers bit for bit (bf16 linears are
+            # row-consistent on CPU; a masked multi-row softmax would not be).
+            o = torch.cat([_small_window_attention(q[:, :, i:i + 1], k[:, :, : attn.start + i + 1],
+                                                   v[:, :, : attn.start + i + 1], None) for i in range(t)], 2)
+        elif attn.cache is not None and t <= SMALL_WINDOW:
             o = _small_window_attention(q, k, v, attn.mask)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.causal,
@@ -236,7 +256,8 @@ class Decoder(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., vocab) in fp32. MASK is never a valid output: an in-vocabulary MASK
         id gets -inf, an appended MASK row is not scored at all."""
-        out = F.linear(hidden, self.head_weight()).float()
+        flat = hidden.reshape(-1, hidden.shape[-1])  # always a 2-D matmul: a 1-D input takes a gemv
+        out = row_stable_linear(flat, self.head_weight()).float().view(*hidden.shape[:-1], -1)  # path that rounds differently
         if not self.cfg.mask_is_new_row:
             out[..., self.cfg.mask_token_id] = float("-inf")
         return out

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import Decoder, Proj
+from .decoder import row_stable_linear, Decoder, Proj
 
 LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # every projection of a decoder layer
 MASK_ROW_KEY = "mask_embedding"  # key of the trained MASK row in an adapter state dict
@@ -48,7 +48,7 @@ class GatedLoRAProj(Proj):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # standard LoRA init: B = 0, so ΔW = 0
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = row_stable_linear(x, self.weight, self.bias)
         if gate is None:
             return y
         rows = gated_rows(gate)  # (R,) flat indices into B*T
