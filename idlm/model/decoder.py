@@ -28,15 +28,21 @@ from .rope import RotaryTable, apply_rotary
 def row_stable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` whose result for a row does not depend on how many rows are in the batch.
 
-    On CPU a single-row bf16 matmul can take a different kernel (for some shapes, e.g. 576x1536) that
-    rounds differently from the multi-row one, so a one-token AR step and a multi-token ISD window
-    would disagree in the last bit. A single row is therefore computed as two identical rows (same
-    cost: the matmul is memory-bound). Measured: every M >= 2 agrees bit for bit with M = 16.
+    CPU matmul kernels pick their blocking from the row count M, and different blockings round
+    differently, so a one-token AR step and a multi-token ISD window would disagree in the last bit
+    and greedy decoding could flip at near-ties. Measured on this CPU (2 threads): bf16 rows agree
+    bit for bit for every M >= 2 (M = 1 takes a different kernel for some shapes, e.g. 576x1536);
+    fp32 (MKL) rows agree for every M that is a multiple of 4. So in inference rows are padded up to
+    the next stable count; the matmul is memory-bound, so the extra rows are nearly free in bf16.
     """
-    if x.numel() == x.shape[-1] and not torch.is_grad_enabled():
-        x2 = x.reshape(1, -1).expand(2, -1)
-        return F.linear(x2, weight, bias)[:1].view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    m = x.numel() // x.shape[-1]
+    quantum = 4 if x.dtype == torch.float32 else 2
+    if m % quantum == 0 or (x.dtype != torch.float32 and m > 1) or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    flat = x.reshape(m, -1)
+    pad = flat.new_zeros(quantum - m % quantum, flat.shape[1])
+    out = F.linear(torch.cat([flat, pad]), weight, bias)[:m]
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class Proj(nn.Linear):

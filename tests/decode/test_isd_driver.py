@@ -72,10 +72,11 @@ def test_padding_changes_nothing_but_work() -> None:
     assert a.tokens == b.tokens and a.stats.forwards == b.stats.forwards
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
-def test_greedy_isd_equals_greedy_ar_tiny(family: str, n: int) -> None:
-    model = tiny_model(seed=n, family=family)
+def test_greedy_isd_equals_greedy_ar_tiny(family: str, n: int, dtype: torch.dtype) -> None:
+    model = tiny_model(seed=n, family=family).to(dtype)
     params = SamplingParams(max_new_tokens=48, ignore_eos=True)
     for prompt in ([3, 17, 5, 9], [11, 2, 40, 41, 7, 60, 1]):
         ar = ar_generate(model, prompt, params)
