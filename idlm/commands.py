@@ -159,8 +159,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     cfg = DecodeConfig(stride=args.stride)
     print(f"model: {lm.name} ({args.dtype}), ISD stride N={cfg.stride}, greedy, {torch.get_num_threads()} threads")
-    print("note: this is the base model with no converted I-DLM drafter yet, so its MASK drafts are rarely "
-          "accepted and TPF stays near 1; ISD output is still identical to AR.\n")
+    if lm.meta is None:
+        print("note: this is the base model with no converted I-DLM drafter, so its MASK drafts are rarely "
+              "accepted and TPF stays near 1; ISD output is still identical to AR.\n")
+    else:
+        m = lm.meta
+        print(f"drafter: R-ISD gated LoRA (rank {m.lora_rank}, trained {m.steps} steps at block {m.block_size}); "
+              f"the anchor is exactly the base model, so ISD output equals the base model's greedy output.\n")
     for text in DEMO_PROMPTS:
         ids = encode(tok, text, chat=True)
         ar = ar_generate(lm.model, ids, params)
@@ -209,7 +214,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     cfg = _dataclass_from_args(ConvertConfig, args)
     res = run_convert(cfg)
-    print(json.dumps({"out": str(getattr(res, "out_dir", cfg.out)), "result": str(res)}))
+    print(json.dumps({"out": str(res.out_dir), "steps": res.steps, "last_loss": round(res.last_loss, 4),
+                      "log": str(res.log_path)}))
     return 0
 
 

