@@ -47,10 +47,10 @@ def tiny_chat_folder(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from idlm.model.loading import ModelLoadError, resolve_folder
+    from idlm.model.loading import DEFAULT_MODEL, ModelLoadError, resolve_folder
 
     try:
-        src = resolve_folder(None)
+        src = resolve_folder(DEFAULT_MODEL)  # the base model folder (holds the tokenizer)
     except ModelLoadError as e:
         pytest.skip(f"default model unavailable: {e}")
     out = tmp_path_factory.mktemp("tinychat")
