@@ -343,8 +343,8 @@ def test_unsupported_gguf_is_rejected_before_conversion(tmp_path: Path, monkeypa
 def test_default_model_answers_and_matches_transformers() -> None:
     from transformers import LlamaForCausalLM
 
-    lm = load_model(None)
-    assert lm.name == loading.DEFAULT_MODEL
+    lm = load_model(loading.DEFAULT_MODEL)  # the bare base model (None = base + shipped R-ISD adapter)
+    assert lm.name == loading.DEFAULT_MODEL and lm.meta is None
     assert (lm.folder / "config.json").exists() and lm.folder.is_relative_to(loading.cache_dir())
     model, cfg = lm.model, lm.model.cfg
     assert cfg.model_type == "llama" and cfg.mask_is_new_row and cfg.mask_token_id == cfg.vocab_size
