@@ -7,9 +7,7 @@ Bad input (unknown model, unsupported architecture, out-of-range settings, empty
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 
 EXIT_USAGE = 2

@@ -24,8 +24,8 @@ the correction, is emitted before its KV exists) and no MASK slot survives.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

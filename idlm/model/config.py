@@ -68,7 +68,7 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any], mask_token_id: int | None = None) -> "ModelConfig":
+    def from_hf(cls, d: dict[str, Any], mask_token_id: int | None = None) -> ModelConfig:
         """Build from a transformers ``config.json`` dict (llama, qwen2, qwen3 or sdar)."""
         mt = d.get("model_type", "")
         if mt not in SUPPORTED_MODEL_TYPES:

@@ -48,7 +48,7 @@ def row_stable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 class Proj(nn.Linear):
     """A linear layer whose forward takes an (ignored) per-token gate; LoRA subclasses use it."""
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         return row_stable_linear(x, self.weight, self.bias)
 
 
@@ -240,7 +240,8 @@ class Decoder(nn.Module):
             start = cache.length
             cache.reserve(t)
             mask = None
-            if t > 1 or key_valid is not None:  # window over a prefix: query i sees slots <= start + i
+            row_wise = b == 1 and t <= SMALL_WINDOW and key_valid is None  # needs no mask (see Layer)
+            if not row_wise and (t > 1 or key_valid is not None):  # query i sees slots <= start + i
                 keys = torch.arange(start + t, device=cache.device)
                 rows = start + torch.arange(t, device=cache.device)
                 mask = keys[None, :] <= rows[:, None]  # (T, S)

@@ -114,7 +114,7 @@ def gguf_to_folder(path: Path) -> Path:
         arch = gguf_architecture(path)
     except ModelLoadError:
         raise
-    except Exception as e:
+    except Exception as e:  # anything the gguf reader throws on a corrupt file
         raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from e
     if arch not in GGUF_ARCHS:
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHS)})")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import row_stable_linear, Decoder, Proj
+from .decoder import Decoder, Proj, row_stable_linear
 
 LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # every projection of a decoder layer
 MASK_ROW_KEY = "mask_embedding"  # key of the trained MASK row in an adapter state dict

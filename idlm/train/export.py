@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from ..model.decoder import Decoder
-from ..model.loading import LoadedModel, load_model, read_config
 from ..model.converted import ADAPTER_FILE, META_FILE, ConvertedMeta, LoadedConverted, load_converted  # noqa: F401
+from ..model.decoder import Decoder
+from ..model.loading import read_config
 from ..model.lora import lora_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -50,7 +50,7 @@ class OracleLM:
         self.forwards = 0
         self.has_adapters = False
 
-    def new_cache(self, batch: int = 1, capacity: int = 0) -> _OracleCache:  # noqa: ARG002
+    def new_cache(self, batch: int = 1, capacity: int = 0) -> _OracleCache:
         return _OracleCache()
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, cache: _OracleCache, gate=None) -> torch.Tensor:
