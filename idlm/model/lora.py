@@ -162,17 +162,27 @@ def load_lora(model: Decoder, state: dict[str, torch.Tensor], alpha: float | Non
         raise ValueError(f"mixed LoRA ranks are not supported: {sorted(set(ranks.values()))}")
     targets = sorted({name.rsplit(".", 1)[1] for name in ranks})
     add_lora(model, next(iter(ranks.values())), alpha, targets, train_mask_row=False)
+    copy_lora_state(model, state)
+    return model.requires_grad_(False)
+
+
+def copy_lora_state(model: Decoder, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter weights (and a MASK row, if any) from ``state`` into the adapters already on
+    ``model``: loading for inference, or warm-starting training (``idlm convert --init-from``)."""
     mods = lora_modules(model)
     with torch.no_grad():
         for name, m in mods.items():
-            if name not in ranks:
+            a, b = state.get(f"{name}.lora_A"), state.get(f"{name}.lora_B")
+            if a is None or b is None:
                 raise ValueError(f"adapter state lacks {name}")
-            m.lora_A.copy_(state[f"{name}.lora_A"])
-            m.lora_B.copy_(state[f"{name}.lora_B"])
+            if a.shape != m.lora_A.shape or b.shape != m.lora_B.shape:
+                raise ValueError(f"adapter {name}: shapes {tuple(a.shape)}/{tuple(b.shape)} do not match "
+                                 f"{tuple(m.lora_A.shape)}/{tuple(m.lora_B.shape)} (different rank?)")
+            m.lora_A.copy_(a)
+            m.lora_B.copy_(b)
         if MASK_ROW_KEY in state:
             row = state[MASK_ROW_KEY].to(model.embed.weight.dtype)
             if isinstance(model.embed, MaskEmbedding):
                 model.embed.mask_row.copy_(row)
             else:
                 model.embed.weight[model.cfg.mask_token_id] = row
-    return model.requires_grad_(False)

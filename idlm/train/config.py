@@ -73,6 +73,7 @@ class ConvertConfig:
     trim_prompt: bool = True  # drop noisy-half prompt tokens that no loss position can see
     save_every: int = 100  # checkpoint (and export) every this many steps; 0 = only at the end
     resume: bool = False  # continue from OUT/checkpoint/state.pt
+    init_from: str | None = None  # lora mode: start from this adapter folder's weights (fresh optimizer)
     stop_at: int = 0  # stop (after checkpointing) once this global step is reached; 0 = run all stages
     seed: int = 0  # data order seed
     device: str = "auto"  # cpu | cuda | cuda:K | auto (cuda:LOCAL_RANK when available)
@@ -93,6 +94,8 @@ class ConvertConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.init_from is not None and self.mode != "lora":
+            raise ValueError("--init-from needs --mode lora (it warm-starts an R-ISD adapter)")
         if self.max_len > self.row_tokens:
             raise ValueError(f"--max-len ({self.max_len}) must not exceed --row-tokens ({self.row_tokens})")
 

@@ -198,6 +198,22 @@ def run_data_generate(cfg: DataGenConfig) -> GenerateResult:
                          cfg.model, device, cfg.seed, cfg.progress)
 
 
+class LazyTokenizer:
+    """A loaded model's tokenizer, loaded only if a data file holds text records (token-id records
+    need none, and test models saved without a tokenizer have none)."""
+
+    def __init__(self, lm):
+        self.lm, self._tok = lm, None
+
+    def __getattr__(self, name: str):
+        if self._tok is None:
+            self._tok = self.lm.tokenizer()
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.__getattr__("__call__")(*args, **kwargs)
+
+
 def load_samples(paths: list[str] | tuple[str, ...], tokenizer: Any = None) -> list[Sample]:
     """Training samples from JSONL records with ``prompt_ids``/``response_ids`` (as written by
     ``generate_data``) or, given a tokenizer, {"prompt", "response"} / {"messages"} text records."""

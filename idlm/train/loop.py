@@ -18,14 +18,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from ..model.converted import ADAPTER_FILE
 from ..model.decoder import Decoder
 from ..model.loading import DEFAULT_MODEL, load_model
-from ..model.lora import add_lora
+from ..model.lora import add_lora, copy_lora_state
 from .batch import Sample, TrainBatch, collate, epoch_rows, truncate
 from .config import ConvertConfig, Stage
-from .data import load_samples
+from .data import LazyTokenizer, load_samples
 from .export import ConvertedMeta, save_converted
 from .forward import forward_clean_prefix, forward_joint
 from .loss import LossOutput, LossWeights, idlm_loss
@@ -173,7 +175,7 @@ class Trainer:
         self.stages = cfg.stage_list
         lm = load_model(cfg.model, device=self.device)
         self.base_folder, self.model = lm.folder, lm.model
-        samples = [truncate(s, cfg.max_len) for s in load_samples(cfg.data, _LazyTokenizer(lm))]
+        samples = [truncate(s, cfg.max_len) for s in load_samples(cfg.data, LazyTokenizer(lm))]
         self.stream = RowStream([s for s in samples if s is not None], cfg.row_tokens, cfg.seed)
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.params = self._trainable()
@@ -191,6 +193,8 @@ class Trainer:
         if cfg.mode == "lora":
             torch.manual_seed(cfg.seed)  # LoRA A init: identical across ranks and reruns
             params = add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.target_list, cfg.train_mask_row)
+            if cfg.init_from is not None:
+                copy_lora_state(self.model, _adapter_state(cfg.init_from))
             if self.bf16:  # the base is frozen: cast it once instead of at every autocast matmul
                 for p in self.model.parameters():
                     if not p.requires_grad:
@@ -362,19 +366,13 @@ def _adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.
         return torch.optim.AdamW(params, **kw)
 
 
-class _LazyTokenizer:
-    """Loads the tokenizer only if a data file holds text records."""
-
-    def __init__(self, lm):
-        self.lm, self._tok = lm, None
-
-    def __getattr__(self, name: str):
-        if self._tok is None:
-            self._tok = self.lm.tokenizer()
-        return getattr(self._tok, name)
-
-    def __call__(self, *args, **kwargs):
-        return self.__getattr__("__call__")(*args, **kwargs)
+def _adapter_state(folder: str) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a ``--mode lora`` output folder (for ``--init-from``)."""
+    path = Path(folder) / ADAPTER_FILE
+    if not path.is_file():
+        raise ValueError(f"--init-from: {folder} has no {ADAPTER_FILE} (expected an `idlm convert --mode lora` "
+                         "output folder)")
+    return load_file(str(path))
 
 
 def _base_name(model: str | None) -> str:

@@ -116,3 +116,26 @@ def test_two_process_ddp_equals_gradient_accumulation(tiny_folder, toy_data, tmp
         return [json.loads(x)["loss"] for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
 
     torch.testing.assert_close(torch.tensor(losses("one")), torch.tensor(losses("two")), atol=1e-5, rtol=1e-5)
+
+
+def test_init_from_warm_starts_a_lora_run(tiny_folder, toy_data, tmp_path):
+    """--init-from loads a finished adapter (and its MASK row) before training: a run that continues
+    from it starts at the loss where the first run ended, not at the untrained loss."""
+    first = run_convert(_cfg(tiny_folder, toy_data, tmp_path / "a", mode="lora", lr=1e-2))
+    trainer = loop_mod.Trainer(_cfg(tiny_folder, toy_data, tmp_path / "b", mode="lora", lr=1e-2,
+                                    init_from=str(tmp_path / "a")))
+    from safetensors.torch import load_file
+
+    from idlm.model.lora import lora_state_dict
+
+    saved = load_file(str(tmp_path / "a" / "adapter.safetensors"))
+    now = lora_state_dict(trainer.model)
+    assert saved.keys() == now.keys()
+    assert all(torch.equal(saved[k], now[k]) for k in saved)
+    h = trainer.run().history
+    assert h[0]["loss"] < 0.5 * first.history[0]["loss"]
+    with pytest.raises(ValueError, match="different rank"):
+        loop_mod.Trainer(_cfg(tiny_folder, toy_data, tmp_path / "c", mode="lora", lora_rank=4,
+                              init_from=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match="needs --mode lora"):
+        _cfg(tiny_folder, toy_data, tmp_path / "d", mode="full", init_from=str(tmp_path / "a"))
