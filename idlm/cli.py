@@ -29,10 +29,11 @@ def _float(s: str) -> float:
 
 def _add_model_args(p: argparse.ArgumentParser, dtype_default: str) -> None:
     p.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                   help="model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
+                   help="model folder, converted model, .gguf file or hub id (default: the embedded "
+                        "SmolLM2-135M-Instruct with the shipped R-ISD drafter; smollm2-135m-instruct = bare base)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=dtype_default,
-                   help=f"weight/activation dtype (default {dtype_default}); greedy ISD == AR is guaranteed in fp32, "
-                        "bf16 may flip near-ties (see README)")
+                   help=f"weight/activation dtype (default {dtype_default}); greedy ISD reproduces greedy AR bit "
+                        "for bit in both (see README)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 
 
@@ -140,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      "JSONL files of {\"prompt\"} / {\"messages\"}.")
     _add_dataclass_args(dg, DataGenConfig, required=("prompts", "out"))
 
+    ev = sub.add_parser("eval", help="quality of a converted model's clean path")
+    esub = ev.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
+    en = esub.add_parser("nll", help="held-out NLL and top-1 agreement of responses under causal decoding",
+                         description="Score the responses of a JSONL file (`idlm data generate` output, "
+                                     "{prompt,response} or {messages}) with each model's clean causal path, "
+                                     "side by side; the first model is the reference for the relative change. "
+                                     "Ends with one JSON line.")
+    en.add_argument("--models", nargs="+", required=True, metavar="PATH_OR_ID",
+                    help="models to compare (same forms as --model; 'default' = the embedded base)")
+    en.add_argument("--data", required=True, help="JSONL of held-out samples (never the training file)")
+    en.add_argument("--limit", type=int, default=0, help="score at most this many samples (0 = all)")
+    en.add_argument("--max-len", type=int, default=1024, help="truncate prompt + response (default 1024)")
+    en.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype (default fp32)")
+    en.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
     d = sub.add_parser("demo", help="the quick-start job: a few chat prompts with ISD and AR side by side")
     d.add_argument("--stride", type=int, default=3, help="ISD stride N (default 3)")
     d.add_argument("--max-new-tokens", type=int, default=96, help="tokens per prompt (default 96)")
@@ -157,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print("idlm: interrupted", file=sys.stderr)
         return 130
     except commands.USER_ERRORS as e:
-        print(f"idlm: error: {e}", file=sys.stderr)
+        print("idlm: error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         return EXIT_USAGE
 
 

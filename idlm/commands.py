@@ -228,7 +228,35 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "data": cmd_data, "forward-cost": cmd_forward_cost, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.nll import response_nll
+    from .train.data import LazyTokenizer, load_samples
+
+    if args.limit < 0 or args.max_len < 2:
+        raise ConfigError("--limit must be >= 0 and --max-len >= 2")
+    rows = []
+    for name in args.models:
+        args.model = name
+        lm = _setup(args)
+        try:
+            samples = load_samples([args.data], LazyTokenizer(lm))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        samples = samples[: args.limit] if args.limit else samples
+        res = response_nll(lm.model, samples, args.max_len, progress=sys.stderr.isatty())
+        rows.append({"model": name, **res.to_json()})
+    ref = rows[0]["nll"]
+    print(f"{'model':<40} {'nll':>8} {'ppl':>8} {'top-1':>6} {'vs first':>9}")
+    for r in rows:
+        r["nll_vs_first"] = round(r["nll"] / ref - 1, 5) if ref else None
+        rel = f"{100 * r['nll_vs_first']:+.2f}%" if ref else "-"
+        print(f"{r['model'][-40:]:<40} {r['nll']:8.4f} {r['ppl']:8.3f} {r['top1']:6.3f} {rel:>9}")
+    print(f"({rows[0]['tokens']} response tokens in {rows[0]['samples']} samples of {args.data})")
+    print(json.dumps({"data": args.data, "results": rows}))
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "convert": cmd_convert, "data": cmd_data, "forward-cost": cmd_forward_cost, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -1,0 +1,57 @@
+"""`idlm eval nll`: response NLL under the clean causal path equals transformers' loss on the same
+tokens; the command compares models side by side and rejects bad input with one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from idlm.cli import main
+from idlm.eval.nll import response_nll
+from idlm.model import load_folder
+from idlm.train.batch import Sample
+
+from .train.conftest import make_tiny_folder, toy_records
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny_nll"), seed=3)
+
+
+def test_nll_matches_transformers_loss(folder: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    records = toy_records(4, seed=5)
+    samples = [Sample(tuple(r["prompt_ids"]), tuple(r["response_ids"])) for r in records]
+    total, count, agree = 0.0, 0, 0
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([list(s.prompt_ids + s.response_ids)])
+            labels = ids.clone()
+            labels[0, : len(s.prompt_ids)] = -100  # score the response only
+            out = hf(ids, labels=labels)
+            n = len(s.response_ids)
+            total += out.loss.item() * n
+            count += n
+            agree += int((out.logits[0, len(s.prompt_ids) - 1:-1].argmax(-1) == ids[0, len(s.prompt_ids):]).sum())
+    res = response_nll(load_folder(folder), samples)
+    assert res.tokens == count and res.samples == 4
+    assert res.nll == pytest.approx(total / count, rel=1e-5)
+    assert res.top1 == pytest.approx(agree / count)
+
+
+def test_eval_nll_command(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in toy_records(3)))
+    assert main(["eval", "nll", "--models", str(folder), str(folder), "--data", str(data), "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    a, b = out["results"]
+    assert a["nll"] == b["nll"] > 0 and b["nll_vs_first"] == 0.0 and a["samples"] == 3
+    assert main(["eval", "nll", "--models", str(folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("idlm: error:")
