@@ -167,10 +167,10 @@ class Layer(nn.Module):
             c.k[self.index, :, :, attn.start:end] = k
             c.v[self.index, :, :, attn.start:end] = v
             k, v = c.k[self.index, :, :, :end], c.v[self.index, :, :, :end]
-        if attn.cache is not None and t <= SMALL_WINDOW and b == 1:
-            # Row by row over exactly the keys each query may see: the same ops and shapes as a
-            # one-token step, so a window reproduces AR's numbers bit for bit (bf16 linears are
-            # row-consistent on CPU; a masked multi-row softmax would not be).
+        if attn.cache is not None and t <= SMALL_WINDOW and b == 1 and attn.mask is None:
+            # fp32: row by row over exactly the keys each query may see, the same ops and shapes as
+            # a one-token step, so a window reproduces AR's numbers bit for bit (MKL's fp32 bmm
+            # rounds a row differently depending on the row count). See _attn_args for bf16.
             o = torch.cat([_small_window_attention(q[:, :, i:i + 1], k[:, :, : attn.start + i + 1],
                                                    v[:, :, : attn.start + i + 1], None) for i in range(t)], 2)
         elif attn.cache is not None and t <= SMALL_WINDOW:
@@ -240,7 +240,10 @@ class Decoder(nn.Module):
             start = cache.length
             cache.reserve(t)
             mask = None
-            row_wise = b == 1 and t <= SMALL_WINDOW and key_valid is None  # needs no mask (see Layer)
+            # bf16 windows take one masked multi-row attention: measured bit-identical, row for row,
+            # to the one-token step (tests/model/test_window_exact.py); fp32 ones go row by row.
+            row_wise = b == 1 and t <= SMALL_WINDOW and key_valid is None and (
+                t == 1 or self.dtype == torch.float32)
             if not row_wise and (t > 1 or key_valid is not None):  # query i sees slots <= start + i
                 keys = torch.arange(start + t, device=cache.device)
                 rows = start + torch.arange(t, device=cache.device)

@@ -1,6 +1,6 @@
 """Greedy ISD == greedy AR on the real default model (SmolLM2-135M-Instruct), fp32 and bf16.
 
-In bf16 this is bit-exact by construction (row-stable matmuls, row-wise window attention), not
+In bf16 this is bit-exact by construction (row-stable matmuls, row-stable window attention), not
 by luck: before those changes about one prompt in two diverged within 128 tokens."""
 
 from __future__ import annotations
