@@ -29,9 +29,9 @@ def _setup(args: argparse.Namespace) -> LoadedModel:
 
 
 def _sampling(args: argparse.Namespace, **over) -> SamplingParams:
-    kw = dict(temperature=getattr(args, "temperature", 0.0), top_p=getattr(args, "top_p", 1.0),
-              top_k=getattr(args, "top_k", 0), seed=getattr(args, "seed", None),
-              max_new_tokens=args.max_new_tokens)
+    kw = {"temperature": getattr(args, "temperature", 0.0), "top_p": getattr(args, "top_p", 1.0),
+          "top_k": getattr(args, "top_k", 0), "seed": getattr(args, "seed", None),
+          "max_new_tokens": args.max_new_tokens}
     kw.update(over)
     return SamplingParams(**kw)
 
@@ -144,8 +144,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 DEMO_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
+    ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+     "How many clips did Natalia sell altogether in April and May?"),
 ]
 
 

@@ -15,7 +15,8 @@ from .model.test_loading import _write_gguf
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "idlm.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "idlm.cli", *args], capture_output=True, text=True, timeout=600,
+                          check=False)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -172,7 +172,7 @@ def _read_tensors(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in _tensor_files(folder):
         with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
+            for k in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                 out[k] = sf.get_tensor(k).to(dtype)
     return out
 
