@@ -150,8 +150,9 @@ class Layer(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: _Attn,
-                gate: torch.Tensor | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gate: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed input → rotated q (B, H, T, D), rotated k and v (B, Hkv, T, D)."""
         cfg = self.cfg
         b, t, _ = x.shape
         heads = cfg.num_heads + 2 * cfg.num_kv_heads
@@ -160,8 +161,19 @@ class Layer(nn.Module):
         if cfg.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :, : cfg.num_heads]), self.k_norm(qk[:, :, cfg.num_heads:])], 2)
         qk = apply_rotary(qk.transpose(1, 2), cos, sin)  # q and k rotated together: (B, H + Hkv, T, D)
-        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
-        v = v.transpose(1, 2)  # (B, Hkv, T, D)
+        return qk[:, : cfg.num_heads], qk[:, cfg.num_heads:], v.transpose(1, 2)
+
+    def finish(self, x: torch.Tensor, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """Attention output o (B, H, T, D) → output projection, residual, MLP block."""
+        b, t, _ = x.shape
+        x = x + self.o(o.transpose(1, 2).reshape(b, t, self.cfg.q_size), gate)
+        g, u = self.gate_up(self.ln2(x), gate).chunk(2, dim=-1)
+        return x + self.down(F.silu(g) * u, gate)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: _Attn,
+                gate: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin, gate)
         if attn.cache is not None:
             c, end = attn.cache, attn.start + t
             c.k[self.index, :, :, attn.start:end] = k
@@ -177,10 +189,8 @@ class Layer(nn.Module):
             o = _small_window_attention(q, k, v, attn.mask)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.causal,
-                                               enable_gqa=cfg.num_kv_heads != cfg.num_heads)
-        x = x + self.o(o.transpose(1, 2).reshape(b, t, cfg.q_size), gate)
-        g, u = self.gate_up(self.ln2(x), gate).chunk(2, dim=-1)
-        return x + self.down(F.silu(g) * u, gate)
+                                               enable_gqa=self.cfg.num_kv_heads != self.cfg.num_heads)
+        return self.finish(x, o, gate)
 
 
 class Decoder(nn.Module):

@@ -8,10 +8,11 @@
   x_0 never attending to x_t, the clean K/V are exactly the base model's, so this equals the joint
   forward while skipping the clean half's backward.
 
-The second path needs a layer forward that takes a K/V prefix *and* an arbitrary mask, which
+The second path needs a layer step that takes a K/V prefix *and* an arbitrary mask, which
 ``Decoder.hidden`` does not offer (a ``KVCache`` implies causal attention and is written in place,
-which autograd cannot differentiate through). ``_layer`` below is therefore a functional copy of
-``decoder.Layer.forward``; ``tests/train/test_forward.py`` checks it against the joint forward.
+which autograd cannot differentiate through). ``_layer`` composes the layer's own ``project`` and
+``finish`` around an SDPA over ``[past ; new]``; ``tests/train/test_forward.py`` checks it against
+the joint forward.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from ..model.decoder import Decoder, Layer
-from ..model.rope import apply_rotary
 from .batch import TrainBatch
 
 
@@ -76,19 +76,8 @@ def _layer(layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
            ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``decoder.Layer.forward`` with an optional K/V prefix ``past`` (concatenated, not written in
     place) and an explicit mask over ``[past ; new]``. Returns the output and this call's own K/V."""
-    cfg = layer.cfg
-    b, t, _ = x.shape
-    q, k, v = layer.qkv(layer.ln1(x), gate).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-    q = q.view(b, t, cfg.num_heads, cfg.head_dim)
-    k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q, k = layer.q_norm(q), layer.k_norm(k)
-    q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
-    k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
-    v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+    q, k, v = layer.project(x, cos, sin, gate)
     keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
     o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                       enable_gqa=cfg.num_kv_heads != cfg.num_heads)
-    x = x + layer.o(o.transpose(1, 2).reshape(b, t, cfg.q_size), gate)
-    g, u = layer.gate_up(layer.ln2(x), gate).chunk(2, dim=-1)
-    return x + layer.down(F.silu(g) * u, gate), (k, v)
+                                       enable_gqa=layer.cfg.num_kv_heads != layer.cfg.num_heads)
+    return layer.finish(x, o, gate), (k, v)
