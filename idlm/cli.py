@@ -48,10 +48,21 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
 def _add_isd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=3, help="ISD stride N in 2..8: tokens a forward can commit (default 3)")
     p.add_argument("--pad-windows", action="store_true",
-                   help="pad every ISD window to 2N-1 slots like the GPU reference (wasted work on CPU)")
+                   help="pad every ISD window to its largest size like the GPU reference (wasted work on CPU)")
+    _add_fallback_arg(p)
     p.add_argument("--sampling-mode", choices=("exact", "reference"), default="exact",
                    help="exact: sampled drafts + speculative-sampling test, output distributed exactly as AR "
                         "sampling (default); reference: argmax drafts as in the reference system (approximate)")
+
+
+FALLBACK_HELP = ("fallback drafts: each window also drafts for every possible rejection, so a rejected draft "
+                 "costs no cold step (output unchanged; default on)")
+
+
+def _add_fallback_arg(p: argparse.ArgumentParser, both: bool = False) -> None:
+    choices = ("on", "off", "both") if both else ("on", "off")
+    extra = "; both = bench ISD with and without" if both else ""
+    p.add_argument("--fallback", choices=choices, default="on", help=FALLBACK_HELP + extra)
 
 
 def _add_dataclass_args(p: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = ()) -> None:
@@ -99,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--stride", type=int, default=3, help="ISD stride N in 2..8 (default 3)")
     v.add_argument("--prompts", type=int, default=4, help="number of built-in prompts (default 4, max 16)")
     v.add_argument("--max-new-tokens", type=int, default=128, help="tokens per prompt (default 128)")
-    v.add_argument("--pad-windows", action="store_true", help="pad windows to 2N-1 slots")
+    v.add_argument("--pad-windows", action="store_true", help="pad windows to their largest size")
+    _add_fallback_arg(v)
     _add_model_args(v, "fp32")
 
     b = sub.add_parser("bench", help="tokens/s and TPF of our AR, our ISD and HF generate on the same prompts",
@@ -112,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-file", default=None, help="prompts file (one per line or JSONL with 'prompt')")
     b.add_argument("--max-new-tokens", type=int, default=256, help="tokens per prompt (default 256)")
     b.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    b.add_argument("--pad-windows", action="store_true", help="pad windows to 2N-1 slots")
+    b.add_argument("--pad-windows", action="store_true", help="pad windows to their largest size")
+    _add_fallback_arg(b, both=True)
     b.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     _add_model_args(b, "bf16")
 
@@ -159,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the quick-start job: a few chat prompts with ISD and AR side by side")
     d.add_argument("--stride", type=int, default=3, help="ISD stride N (default 3)")
     d.add_argument("--max-new-tokens", type=int, default=96, help="tokens per prompt (default 96)")
+    _add_fallback_arg(d)
     _add_model_args(d, "bf16")
     return ap
 

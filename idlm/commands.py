@@ -36,9 +36,11 @@ def _sampling(args: argparse.Namespace, **over) -> SamplingParams:
     return SamplingParams(**kw)
 
 
-def _decode_cfg(args: argparse.Namespace, stride: int, mode: str = "isd") -> DecodeConfig:
+def _decode_cfg(args: argparse.Namespace, stride: int, mode: str = "isd", fallback: bool | None = None) -> DecodeConfig:
+    if fallback is None:
+        fallback = getattr(args, "fallback", "on") != "off"
     return DecodeConfig(mode=mode, stride=stride, pad_windows=getattr(args, "pad_windows", False),
-                        sampling_mode=getattr(args, "sampling_mode", "exact"))
+                        sampling_mode=getattr(args, "sampling_mode", "exact"), fallback=fallback)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -116,7 +118,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.prompts < 1:
         raise ConfigError("--prompts must be >= 1")
     strides = _strides(args.stride)
-    cfgs = [_decode_cfg(args, n) for n in strides]  # validates each stride
+    fallbacks = {"on": [True], "off": [False], "both": [False, True]}[args.fallback]
+    cfgs = [_decode_cfg(args, n, fallback=f) for n in strides for f in fallbacks]  # validates each stride
     params = _sampling(args, ignore_eos=args.ignore_eos)
     texts = read_prompt_file(args.prompt_file)[: args.prompts] if args.prompt_file else gsm8k_questions(args.prompts)
     lm = _setup(args)
@@ -127,17 +130,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if m == "ar":
             results.append(run_ours(lm, prompts, DecodeConfig(mode="ar"), params, "ar"))
         elif m == "isd":
-            results += [run_ours(lm, prompts, c, params, f"isd N={c.stride}") for c in cfgs]
+            results += [run_ours(lm, prompts, c, params, f"isd N={c.stride}{'' if c.fallback else ' no-fb'}")
+                        for c in cfgs]
         else:
             results.append(run_hf(lm, prompts, params, DTYPES[args.dtype]))
     ar = next((r for r in results if r.mode == "ar"), None)
     print(f"{len(prompts)} prompts, max {params.max_new_tokens} new tokens, dtype {args.dtype}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'mode':<6}{'N':>3}{'tokens':>8}{'forwards':>10}{'TPF':>7}{'tok/s':>9}{'vs ar':>7}  same as ar")
+    print(f"{'mode':<6}{'N':>3}{'fb':>4}{'tokens':>8}{'forwards':>10}{'TPF':>7}{'tok/s':>9}{'vs ar':>7}  "
+          f"{'same as ar':<11} acceptance by draft position")
     for r in results:
         rel = f"{r.tokens_per_s / ar.tokens_per_s:.2f}x" if ar and ar.tokens_per_s else "-"
         same = "-" if not ar or r is ar else f"{sum(a == b for a, b in zip(ar.outputs, r.outputs))}/{len(prompts)}"
-        print(f"{r.mode:<6}{r.stride:>3}{r.tokens:>8}{r.forwards:>10}{r.tpf:>7.2f}{r.tokens_per_s:>9.1f}{rel:>7}  {same}")
+        fb = ("on" if r.fallback else "off") if r.mode == "isd" else "-"
+        acc = " ".join(f"{a:.2f}" for a in r.acceptance_at()) if r.mode == "isd" else ""
+        print(f"{r.mode:<6}{r.stride:>3}{fb:>4}{r.tokens:>8}{r.forwards:>10}{r.tpf:>7.2f}{r.tokens_per_s:>9.1f}"
+              f"{rel:>7}  {same:<11} {acc}")
     print(json.dumps({"results": [r.to_json() for r in results]}))
     return 0
 
@@ -156,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     lm = _setup(args)
     tok = lm.tokenizer()
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    cfg = DecodeConfig(stride=args.stride)
+    cfg = _decode_cfg(args, args.stride)
     print(f"model: {lm.name} ({args.dtype}), ISD stride N={cfg.stride}, greedy, {torch.get_num_threads()} threads")
     if lm.meta is None:
         print("note: this is the base model with no converted I-DLM drafter, so its MASK drafts are rarely "

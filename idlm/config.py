@@ -59,7 +59,8 @@ class DecodeConfig:
 
     mode: str = "isd"  # --mode: isd (introspective strided decoding) or ar (one token per forward)
     stride: int = 3  # --stride: N = tokens a forward can commit (1 anchor + N-1 drafts), 2..8
-    pad_windows: bool = False  # --pad-windows: pad every window to 2N-1 slots like the GPU reference
+    pad_windows: bool = False  # --pad-windows: pad every window to its largest size like the GPU reference
+    fallback: bool = True  # --fallback/--no-fallback: also draft for each possible rejection, so none costs a cold step
     sampling_mode: str = "exact"  # --sampling-mode: exact (distribution-preserving) or reference (approximate)
     mask_token_id: int | None = None  # MASK input id; None = the model's own
 
@@ -77,5 +78,6 @@ class DecodeConfig:
 
     @property
     def window(self) -> int:
-        """W = 2N - 1: the largest window (pending + N-1 specs + N-1 MASKs)."""
-        return 2 * self.stride - 1
+        """The largest window: pending + N-1 specs + N-1 MASKs (2N - 1), plus N-1 fallback MASKs for
+        each of the N-1 specs that could be rejected when ``fallback`` is on."""
+        return 2 * self.stride - 1 + (self.n_drafts ** 2 if self.fallback else 0)

@@ -9,9 +9,18 @@ One ISD step is "extend the cache by a window, keep m slots" (spec §3.6, pitfal
 * specs[j] is checked against the anchor p at slot j (the slot before it, logit shift §1.5).
 * If all s specs pass: emit specs + [clean], where clean is drawn from p at slot s; the MASKs at
   slots s+1..s+N-1 propose the next N-1 drafts; keep 1+s slots (pending + specs).
-* If specs[j] is rejected: emit specs[:j] + [correction]; keep 1+j slots; the next step is a cold
-  step (no specs) from the correction, because this step's clean token and drafts were conditioned
-  on rejected text (pitfall 6).
+* If specs[j] is rejected: emit specs[:j] + [correction]; keep 1+j slots. This step's clean token
+  and MASK drafts were conditioned on rejected text (pitfall 6), so without fallback the next step
+  is a cold step (no specs) from the correction.
+
+Fallback drafts (``DecodeConfig.fallback``, on by default; our addition, not in the reference):
+after the main MASKs the window holds, for each spec j, a branch of N-1 MASK slots at the positions
+of specs[j], specs[j]+1, ... that see only the committed text, pending and specs[:j] (not specs[j:]).
+If specs[j] is rejected, that branch has drafted the N-1 tokens after the correction exactly as a
+cold step from the correction would (the MASK at the correction's position stands in for it, as the
+MASK at the clean token's position does in every step), so the next step verifies instead of
+starting cold. Branch slots come last in the window, so no clean slot sees them and the verified
+text, and hence the output, is unchanged; their K/V is cropped with the rest of the window.
 
 Prefill is the same forward AR runs; its last slot gives the first token, and the first step is a
 cold step. (Appending N-1 MASKs to the prefill would save that forward, but a longer prefill rounds
@@ -85,15 +94,39 @@ def check_specs(anchor_logits: torch.Tensor, state: ISDState, params: SamplingPa
     return verify_sampled(p, state.spec_q, state.specs, gen)
 
 
+def window_layout(n_specs: int, n_drafts: int, fallback: bool) -> tuple[list[int], torch.Tensor]:
+    """Slots of one window: position offsets from the pending token, and the (T, T) mask of which
+    window slots each slot sees. Main chain: pending, specs, N-1 MASKs (causal). Then, with
+    ``fallback``, one branch of N-1 MASKs per spec j at offsets j+1.., seeing main slots 0..j and
+    its own earlier slots."""
+    main = 1 + n_specs + n_drafts
+    branches = n_specs if fallback else 0
+    t = main + branches * n_drafts
+    offsets = list(range(main))
+    mask = torch.zeros(t, t, dtype=torch.bool)
+    mask[:main, :main] = torch.ones(main, main, dtype=torch.bool).tril()
+    for j in range(branches):
+        base = main + j * n_drafts
+        offsets += range(j + 1, j + 1 + n_drafts)
+        mask[base: base + n_drafts, : j + 1] = True
+        mask[base: base + n_drafts, base: base + n_drafts] = torch.ones(n_drafts, n_drafts, dtype=torch.bool).tril()
+    return offsets, mask
+
+
 def isd_step(logits: torch.Tensor, state: ISDState, n_drafts: int, params: SamplingParams,
-             sampling_mode: str = "exact", gen: torch.Generator | None = None) -> StepResult:
-    """Pure ISD step: window logits (>= 1 + s + n_drafts, V) -> what to emit, keep and do next."""
+             sampling_mode: str = "exact", gen: torch.Generator | None = None,
+             fallback_logits: torch.Tensor | None = None) -> StepResult:
+    """Pure ISD step: window logits (>= 1 + s + n_drafts, V) -> what to emit, keep and do next.
+    ``fallback_logits`` (s, n_drafts, V): branch j's MASK logits, drafting after a rejected specs[j]."""
     s = len(state.specs)
     verdict = check_specs(logits[:s], state, params, sampling_mode, gen)
     if verdict.correction is not None:
         j = verdict.accepted
         emitted = state.specs[:j] + [verdict.correction]
-        return StepResult(emitted, 1 + j, verdict, ISDState(verdict.correction))
+        if fallback_logits is None:
+            return StepResult(emitted, 1 + j, verdict, ISDState(verdict.correction))
+        drafts, q = propose(fallback_logits[j], params, sampling_mode, gen)
+        return StepResult(emitted, 1 + j, verdict, ISDState(verdict.correction, drafts, q))
     clean = next_token(logits[s], params, gen)
     drafts, q = propose(logits[s + 1: s + 1 + n_drafts], params, sampling_mode, gen)
     return StepResult(state.specs + [clean], 1 + s, verdict, ISDState(clean, drafts, q))
@@ -140,14 +173,6 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
 
     gated = model.has_adapters  # R-ISD: adapters act on draft MASK slots only, so the anchor is the base
 
-    def gate_for(n_clean: int, n_total: int) -> torch.Tensor | None:
-        """1 on the N-1 draft MASKs right after the clean slots, 0 elsewhere (spec §4)."""
-        if not gated:
-            return None
-        g = torch.zeros(n_total)
-        g[n_clean: n_clean + n_drafts] = 1.0
-        return g
-
     # 1. Prefill exactly as AR does; the first token comes from the last prompt slot. The first step
     #    is then a cold step [t0, MASK * (N-1)] that yields the clean token and the first drafts.
     p_len = len(prompt)
@@ -162,15 +187,28 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
     # 2. Steps: extend by a window, keep 1 + accepted, emit accepted + clean/correction.
     while not done:
         s = len(state.specs)
-        window = [state.pending] + state.specs + [mask] * n_drafts
-        if cfg.pad_windows:
-            window += [mask] * (cfg.window - len(window))
+        offsets, seen = window_layout(s, n_drafts, cfg.fallback)
+        used = len(offsets)  # slots whose logits are read
+        window = [state.pending] + state.specs + [mask] * (used - 1 - s)
+        pad = cfg.window - used if cfg.pad_windows else 0
+        if pad:  # padding MASKs: causal, never read, gate off
+            window += [mask] * pad
+            offsets += range(offsets[-1] + 1, offsets[-1] + 1 + pad)
+            full = torch.ones(used + pad, used + pad, dtype=torch.bool).tril()
+            full[:used, :used] = seen
+            seen = full
         start = cache.length
-        gate = gate_for(1 + s, len(window))
-        hidden = model.hidden(torch.tensor(window), start + torch.arange(len(window)), cache, gate=gate)[0]
-        logits = model.logits(hidden[: 1 + s + n_drafts])  # padding MASKs are never read
+        gate = None
+        if gated:  # 1 on every draft MASK (main chain and fallback branches), 0 on clean slots and padding
+            gate = torch.zeros(len(window))
+            gate[1 + s: used] = 1.0
+        hidden = model.hidden(torch.tensor(window), start + torch.tensor(offsets), cache, gate=gate,
+                              window_mask=seen if used > 1 + s + n_drafts else None)[0]
+        logits = model.logits(hidden[:used])
         stats.forwards += 1
-        step = isd_step(logits, state, n_drafts, params, cfg.sampling_mode, gen)
+        main = 1 + s + n_drafts
+        fb = logits[main:].view(s, n_drafts, -1) if used > main else None
+        step = isd_step(logits[:main], state, n_drafts, params, cfg.sampling_mode, gen, fb)
         stats.record_verify(s, step.verdict.accepted)
         cache.crop(start + step.kept)
         state = step.next_state

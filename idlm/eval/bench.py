@@ -19,6 +19,7 @@ from ..model import LoadedModel
 class ModeResult:
     mode: str  # ar | isd | hf
     stride: int  # N (1 for ar / hf)
+    fallback: bool = False  # ISD with fallback drafts
     tokens: int = 0
     forwards: int = 0
     seconds: float = 0.0
@@ -43,13 +44,14 @@ class ModeResult:
              "tpf": round(self.tpf, 4), "forwards": self.forwards, "tokens": self.tokens,
              "seconds": round(self.seconds, 3)}
         if self.mode == "isd":
+            d["fallback"] = self.fallback
             d["acceptance_at"] = [round(x, 4) for x in self.acceptance_at()]
         return d
 
 
 def run_ours(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, params: SamplingParams,
              desc: str) -> ModeResult:
-    res = ModeResult(cfg.mode, cfg.stride if cfg.mode == "isd" else 1)
+    res = ModeResult(cfg.mode, cfg.stride if cfg.mode == "isd" else 1, cfg.mode == "isd" and cfg.fallback)
     for ids in tqdm(prompts, desc=desc, leave=False):
         out = isd_generate(lm.model, ids, cfg, params) if cfg.mode == "isd" else ar_generate(lm.model, ids, params)
         res.tokens += out.stats.tokens

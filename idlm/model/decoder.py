@@ -110,9 +110,11 @@ class _Attn:
     start: int  # first cache slot written by this forward
     mask: torch.Tensor | None  # bool mask broadcastable to (B, H, T, S); True = attend
     causal: bool  # use is_causal (no mask, no cache)
+    row_keys: list[int | torch.Tensor] | None = None  # row-wise path: per query, a key count (the
+    # prefix [0, n)) or the explicit key slots
 
 
-SMALL_WINDOW = 16  # decode windows up to this many tokens use the explicit attention below
+SMALL_WINDOW = 64  # windows up to this many tokens (ISD: N = 8 with fallback) use the explicit attention below
 
 
 def _small_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -134,6 +136,12 @@ def _small_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scores = scores.view(b, hkv, g, t, s).masked_fill(~m, float("-inf")).view(b * hkv, g * t, s)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.bmm(probs, v3).view(b, h, t, d)
+
+
+def _row_kv(k: torch.Tensor, v: torch.Tensor, keys: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(keys, int):  # a prefix: a view, exactly what a one-token step reads
+        return k[:, :, :keys], v[:, :, :keys]
+    return k.index_select(2, keys), v.index_select(2, keys)
 
 
 class Layer(nn.Module):
@@ -172,19 +180,19 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: _Attn,
                 gate: torch.Tensor | None) -> torch.Tensor:
-        b, t, _ = x.shape
+        t = x.shape[1]
         q, k, v = self.project(x, cos, sin, gate)
         if attn.cache is not None:
             c, end = attn.cache, attn.start + t
             c.k[self.index, :, :, attn.start:end] = k
             c.v[self.index, :, :, attn.start:end] = v
             k, v = c.k[self.index, :, :, :end], c.v[self.index, :, :, :end]
-        if attn.cache is not None and t <= SMALL_WINDOW and b == 1 and attn.mask is None:
+        if attn.row_keys is not None:
             # fp32: row by row over exactly the keys each query may see, the same ops and shapes as
             # a one-token step, so a window reproduces AR's numbers bit for bit (MKL's fp32 bmm
             # rounds a row differently depending on the row count). See _attn_args for bf16.
-            o = torch.cat([_small_window_attention(q[:, :, i:i + 1], k[:, :, : attn.start + i + 1],
-                                                   v[:, :, : attn.start + i + 1], None) for i in range(t)], 2)
+            o = torch.cat([_small_window_attention(q[:, :, i:i + 1], *_row_kv(k, v, r), None)
+                           for i, r in enumerate(attn.row_keys)], 2)
         elif attn.cache is not None and t <= SMALL_WINDOW:
             o = _small_window_attention(q, k, v, attn.mask)
         else:
@@ -220,16 +228,19 @@ class Decoder(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                attn_mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-               key_valid: torch.Tensor | None = None) -> torch.Tensor:
+               key_valid: torch.Tensor | None = None, window_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, hidden). ids/positions: (B, T) or (T,).
         ``gate`` (B, T) or (T,) in {0, 1} switches gated LoRA adapters on per token.
         ``key_valid`` (B, cache.length + T) bool marks real (non-padding) cache slots for batched
-        decoding of left-padded prompts; a padding slot attends only to itself."""
+        decoding of left-padded prompts; a padding slot attends only to itself.
+        ``window_mask`` (T, T) bool (batch 1, with a cache): which of this forward's own slots each
+        new token sees (default causal); every new token sees the whole cached prefix. ISD uses it
+        for fallback drafts, whose slots must not see the drafts they replace."""
         if input_ids.dim() == 1:
             input_ids, positions = input_ids[None], positions[None]
             gate = gate[None] if gate is not None else None
         b, t = input_ids.shape
-        attn = self._attn_args(b, t, cache, attn_mask, key_valid)
+        attn = self._attn_args(b, t, cache, attn_mask, key_valid, window_mask)
         cos, sin = self.rope.lookup(positions, self.dtype)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
         g = gate[..., None].to(self.dtype) if gate is not None else None  # (B, T, 1)
@@ -241,26 +252,37 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def _attn_args(self, b: int, t: int, cache: KVCache | None, attn_mask: torch.Tensor | None,
-                   key_valid: torch.Tensor | None = None) -> _Attn:
+                   key_valid: torch.Tensor | None = None, window_mask: torch.Tensor | None = None) -> _Attn:
         if cache is not None:
             if attn_mask is not None:
                 raise ValueError("pass either a cache (causal) or an attention mask, not both")
             if cache.batch != b:
                 raise ValueError(f"cache batch {cache.batch} != input batch {b}")
+            if window_mask is not None and (b != 1 or key_valid is not None or window_mask.shape != (t, t)):
+                raise ValueError(f"window_mask must be ({t}, {t}) bool, for batch 1 without key_valid")
             start = cache.length
             cache.reserve(t)
-            mask = None
+            dev = cache.device
+            causal = torch.arange(t, device=dev)[None, :] <= torch.arange(t, device=dev)[:, None]
+            own = causal if window_mask is None else window_mask.to(dev)
             # bf16 windows take one masked multi-row attention: measured bit-identical, row for row,
-            # to the one-token step (tests/model/test_window_exact.py); fp32 ones go row by row.
-            row_wise = b == 1 and t <= SMALL_WINDOW and key_valid is None and (
-                t == 1 or self.dtype == torch.float32)
-            if not row_wise and (t > 1 or key_valid is not None):  # query i sees slots <= start + i
-                keys = torch.arange(start + t, device=cache.device)
-                rows = start + torch.arange(t, device=cache.device)
-                mask = keys[None, :] <= rows[:, None]  # (T, S)
-                if key_valid is not None:  # (B, 1, T, S): real keys, and every slot sees itself
-                    mask = (mask & key_valid[:, None, :]) | (keys[None, :] == rows[:, None])
-                    mask = mask[:, None]
+            # to the one-token step (tests/model/test_window_exact.py). fp32 windows go row by row.
+            if b == 1 and t <= SMALL_WINDOW and key_valid is None and (t == 1 or self.dtype == torch.float32):
+                rows: list[int | torch.Tensor] = []
+                for i in range(t):
+                    if torch.equal(own[i], causal[i]):
+                        rows.append(start + i + 1)
+                    else:
+                        rows.append(torch.cat([torch.arange(start, device=dev), start + own[i].nonzero()[:, 0]]))
+                return _Attn(cache, start, None, False, rows)
+            if t == 1 and key_valid is None:
+                return _Attn(cache, start, None, False)
+            mask = torch.cat([torch.ones(t, start, dtype=torch.bool, device=dev), own], 1)  # (T, S)
+            if key_valid is not None:  # (B, 1, T, S): real keys, and every slot sees itself
+                keys = torch.arange(start + t, device=dev)
+                slots = start + torch.arange(t, device=dev)
+                mask = (mask & key_valid[:, None, :]) | (keys[None, :] == slots[:, None])
+                mask = mask[:, None]
             return _Attn(cache, start, mask, False)
         if attn_mask is not None:
             mask = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask  # (B, 1, T, T)

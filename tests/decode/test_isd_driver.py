@@ -26,14 +26,18 @@ def test_oracle_all_accept_reaches_tpf_n() -> None:
     assert s.acceptance_at == [1.0, 1.0, 1.0]
 
 
-def test_oracle_rejections_follow_the_commit_table() -> None:
+@pytest.mark.parametrize("fallback", [False, True])
+def test_oracle_rejections_follow_the_commit_table(fallback: bool) -> None:
     # MASK at position 9 predicts a wrong token for position 10.
     lm = OracleLM(SEQ, wrong={9})
     trace = []
-    out = isd_generate(lm, PROMPT, DecodeConfig(stride=3), SamplingParams(max_new_tokens=20),
+    out = isd_generate(lm, PROMPT, DecodeConfig(stride=3, fallback=fallback), SamplingParams(max_new_tokens=20),
                        on_step=lambda c, toks, st: trace.append((c.length, len(toks), list(c.tokens))))
     assert out.tokens == SEQ[5:25]  # still the greedy text of the anchor
-    assert out.stats.rejects >= 1 and out.stats.cold_steps == out.stats.rejects + 1
+    assert out.stats.rejects >= 1
+    # without fallback drafts every rejection is followed by a cold step; with them only the first
+    # step after prefill is cold
+    assert out.stats.cold_steps == (1 if fallback else out.stats.rejects + 1)
     for length, emitted, slots in trace:
         assert length == len(PROMPT) + emitted - 1  # committed = prompt + emitted - 1
         assert lm.cfg.mask_token_id not in slots  # no MASK KV survives a step
@@ -148,3 +152,19 @@ def test_risd_gated_lora_keeps_base_greedy_output() -> None:
     b = base.logits(base.hidden(ids, pos))[0]
     assert torch.equal(a[: len(prompt)], b[: len(prompt)])
     assert not torch.allclose(a[len(prompt):], b[len(prompt):])
+
+
+def test_window_layout_with_fallback_branches() -> None:
+    from idlm.decode.isd import window_layout
+
+    offsets, seen = window_layout(2, 2, fallback=True)
+    # pending, spec1, spec2, MASK, MASK | branch 0 at offsets 1, 2 | branch 1 at offsets 2, 3
+    assert offsets == [0, 1, 2, 3, 4, 1, 2, 2, 3]
+    assert seen[:5, :5].equal(torch.ones(5, 5, dtype=torch.bool).tril()) and not seen[:5, 5:].any()
+    assert seen[5].nonzero().flatten().tolist() == [0, 5]  # branch 0 sees pending, itself
+    assert seen[6].nonzero().flatten().tolist() == [0, 5, 6]
+    assert seen[7].nonzero().flatten().tolist() == [0, 1, 7]  # branch 1 sees pending, spec1, itself
+    assert seen[8].nonzero().flatten().tolist() == [0, 1, 7, 8]
+    offsets, seen = window_layout(2, 2, fallback=False)
+    assert offsets == [0, 1, 2, 3, 4] and seen.equal(torch.ones(5, 5, dtype=torch.bool).tril())
+    assert window_layout(0, 3, fallback=True)[0] == [0, 1, 2, 3]  # a cold step has no branches

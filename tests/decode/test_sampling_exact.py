@@ -60,3 +60,35 @@ def test_reference_mode_is_biased() -> None:
     params = SamplingParams(temperature=0.8)
     counts = first_token_counts(ANCHOR, DRAFT, params, "reference")
     assert chi_square(counts, target_probs(ANCHOR, params)) > 10 * CRIT_DF5_1E6
+
+
+CRIT_DF35_1E6 = 89.2  # chi-square(35) quantile at 1 - 1e-6 (Wilson-Hilferty)
+
+
+def test_exact_mode_with_fallback_drafts_matches_the_chain() -> None:
+    """End to end through isd_generate: the joint law of emitted tokens 3 and 4 equals the anchor's.
+
+    With N = 3, token 3 is the first verified draft; token 4 is either the second draft of the same
+    step or, after a rejection, the fallback draft verified by the next step. 36 cells, df 35."""
+    from idlm.config import DecodeConfig
+    from idlm.decode import isd_generate
+
+    from .tiny import MarkovLM
+
+    g = torch.Generator().manual_seed(7)
+    anchor = torch.randn(6, 6, generator=g) * 1.2
+    draft = torch.tensor([1.5, -0.5, 0.8, 0.0, -1.0, 0.3])
+    lm = MarkovLM(anchor, draft)
+    counts = torch.zeros(6, 6)
+    cfg = DecodeConfig(stride=3, fallback=True)
+    fallback_used = 0
+    for seed in range(TRIALS):
+        out = isd_generate(lm, [0], cfg, SamplingParams(temperature=1.0, seed=seed, max_new_tokens=4,
+                                                         ignore_eos=True))
+        counts[out.tokens[2], out.tokens[3]] += 1
+        fallback_used += out.stats.rejects > 0 and out.stats.cold_steps == 1 and out.stats.verify_steps > 1
+    p = torch.softmax(anchor, -1)  # p[a, b] = P(next = b | current = a)
+    t3 = p[0] @ p @ p  # marginal of token 3 (token 1 follows the prompt [0])
+    joint = t3[:, None] * p  # P(t3 = a, t4 = b)
+    assert fallback_used > TRIALS // 10  # the fallback path really ran in many trials
+    assert chi_square(counts.flatten(), joint.flatten()) < CRIT_DF35_1E6

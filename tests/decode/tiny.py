@@ -53,8 +53,12 @@ class OracleLM:
     def new_cache(self, batch: int = 1, capacity: int = 0) -> _OracleCache:
         return _OracleCache()
 
-    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, cache: _OracleCache, gate=None) -> torch.Tensor:
-        assert positions.tolist() == list(range(cache.length, cache.length + len(ids))), "positions not contiguous"
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, cache: _OracleCache, gate=None,
+               window_mask=None) -> torch.Tensor:
+        if window_mask is None:
+            assert positions.tolist() == list(range(cache.length, cache.length + len(ids))), "positions not contiguous"
+        else:  # fallback branches repeat positions; the slots before them are still contiguous
+            assert positions[0] == cache.length and window_mask.shape == (len(ids), len(ids))
         self.forwards += 1
         cache.tokens += ids.tolist()
         cache.length += len(ids)
@@ -71,3 +75,32 @@ class OracleLM:
                 tok = (tok + 1) % (self.vocab - 1)
             flat[r, tok] = 10.0
         return out
+
+
+class MarkovLM:
+    """A model whose anchor is a Markov chain and whose drafts ignore context.
+
+    A clean slot holding token a has logits ``anchor[a]``; every MASK slot has logits ``draft``. So
+    the exact distribution of any emitted sequence is known in closed form (a product of anchor
+    rows), while drafts disagree with it often enough that rejections, corrections and fallback
+    drafts are all exercised."""
+
+    def __init__(self, anchor: torch.Tensor, draft: torch.Tensor):
+        self.anchor, self.draft = anchor, draft
+        vocab = anchor.shape[-1]
+        self.cfg = SimpleNamespace(mask_token_id=vocab, eos_token_ids=(), vocab_size=vocab)
+        self.has_adapters = False
+
+    def new_cache(self, batch: int = 1, capacity: int = 0) -> _OracleCache:
+        return _OracleCache()
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, cache: _OracleCache, gate=None,
+               window_mask=None) -> torch.Tensor:
+        cache.tokens += ids.tolist()
+        cache.length += len(ids)
+        return ids[None, :, None].float()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        ids = h[..., 0].long()
+        is_mask = ids == self.cfg.mask_token_id
+        return torch.where(is_mask[..., None], self.draft, self.anchor[ids.clamp_max(len(self.anchor) - 1)])
