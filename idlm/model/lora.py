@@ -51,6 +51,15 @@ class GatedLoRAProj(Proj):
         y = row_stable_linear(x, self.weight, self.bias)
         if gate is None:
             return y
+        if not torch.is_grad_enabled():
+            span = gated_span(gate)
+            if span is not None:  # decoding: the gated rows are one contiguous run of gate-1 slots
+                lo, hi = span
+                if hi > lo:
+                    flat_x = x.reshape(-1, self.in_features)[lo:hi]
+                    delta = F.linear(F.linear(flat_x, self.lora_A.to(x.dtype)), self._scaled_b(x.dtype))
+                    y.view(-1, self.out_features)[lo:hi] += delta.to(y.dtype)
+                return y
         rows = gated_rows(gate)  # (R,) flat indices into B*T
         if rows.numel() == 0:
             return y
@@ -62,6 +71,15 @@ class GatedLoRAProj(Proj):
         # in place on the fresh matmul output (linear's backward does not need it): no copy of y
         y.view(-1, self.out_features).index_add_(0, rows, delta.to(y.dtype))
         return y
+
+    def _scaled_b(self, dtype: torch.dtype) -> torch.Tensor:
+        """scale * B in ``dtype``, cached for inference until B changes (its version counter)."""
+        key = (self.lora_B._version, dtype, self.scale)
+        cached = getattr(self, "_b_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, (self.lora_B.detach() * self.scale).to(dtype))
+            self._b_cache = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
@@ -79,6 +97,26 @@ def gated_rows(gate: torch.Tensor) -> torch.Tensor:
     rows = gate.reshape(-1).nonzero().squeeze(1)
     gate._idlm_rows = (version, rows)  # type: ignore[attr-defined]
     return rows
+
+
+def gated_span(gate: torch.Tensor) -> tuple[int, int] | None:
+    """(lo, hi) when the gate is 1 exactly on flat slots lo..hi-1 and 0 elsewhere (an ISD window:
+    the draft MASKs follow the clean slots), else None. Cached on the gate like ``gated_rows``."""
+    version = None if gate.is_inference() else gate._version
+    cached = getattr(gate, "_idlm_span", None)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    flat = gate.reshape(-1)
+    rows = flat.nonzero().squeeze(1)
+    span = None
+    if rows.numel() == 0:
+        span = (0, 0)
+    else:
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if hi - lo == rows.numel() and bool((flat[lo:hi] == 1).all()):
+            span = (lo, hi)
+    gate._idlm_span = (version, span)  # type: ignore[attr-defined]
+    return span
 
 
 class MaskEmbedding(nn.Embedding):

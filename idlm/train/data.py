@@ -159,7 +159,7 @@ class _Generator:
 
         self.name = model or DEFAULT_MODEL
         dtype = torch.bfloat16 if device == "cpu" else torch.float32
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model or DEFAULT_MODEL, dtype=dtype, device=device)  # the bare base, not the drafter
         self.model = lm.model
         self.tok = lm.tokenizer()
         eos = list(self.model.cfg.eos_token_ids)

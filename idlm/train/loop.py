@@ -173,7 +173,8 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         self.out = Path(cfg.out)
         self.stages = cfg.stage_list
-        lm = load_model(cfg.model, device=self.device)
+        # the bare base by default (never the shipped drafter, which load_model(None) would give)
+        lm = load_model(cfg.model or DEFAULT_MODEL, device=self.device)
         self.base_folder, self.model = lm.folder, lm.model
         samples = [truncate(s, cfg.max_len) for s in load_samples(cfg.data, LazyTokenizer(lm))]
         self.stream = RowStream([s for s in samples if s is not None], cfg.row_tokens, cfg.seed)

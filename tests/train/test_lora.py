@@ -98,3 +98,27 @@ def test_state_dict_round_trip(tiny_folder):
     with torch.no_grad():
         torch.testing.assert_close(a(ids, torch.arange(4), gate=gate), b(ids, torch.arange(4), gate=gate))
     assert not any(p.requires_grad for p in b.parameters())
+
+
+def test_gated_lora_decode_fast_path_equals_general_path() -> None:
+    """Under no_grad a contiguous run of gate-1 slots takes a slice-and-add path; it must compute
+    what the general (index_select / index_add) path computes, and other gates must still work."""
+    import torch
+
+    from idlm.model.decoder import Proj
+    from idlm.model.lora import GatedLoRAProj
+
+    torch.manual_seed(0)
+    proj = GatedLoRAProj(Proj(16, 24), rank=4, alpha=8.0)
+    torch.nn.init.normal_(proj.lora_B)
+    x = torch.randn(1, 7, 16)
+    for gate in (torch.tensor([0, 0, 1, 1, 1, 0, 0.0]), torch.tensor([1, 0, 1, 0, 0, 1, 0.0]),
+                 torch.tensor([0, 0, 0.5, 1, 0, 0, 0]), torch.zeros(7)):
+        with torch.enable_grad():
+            ref = proj(x, gate[None].clone())  # grad mode: always the general path
+        with torch.no_grad():
+            got = proj(x, gate[None].clone())
+        torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            base = proj(x)  # no gate: the base projection (row-stable, as in decoding)
+        assert torch.equal(got[0, gate == 0], base[0, gate == 0])  # ungated rows are the base exactly
