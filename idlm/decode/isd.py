@@ -32,6 +32,7 @@ the correction, is emitted before its KV exists) and no MASK slot survives.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,7 +99,13 @@ def window_layout(n_specs: int, n_drafts: int, fallback: bool) -> tuple[list[int
     """Slots of one window: position offsets from the pending token, and the (T, T) mask of which
     window slots each slot sees. Main chain: pending, specs, N-1 MASKs (causal). Then, with
     ``fallback``, one branch of N-1 MASKs per spec j at offsets j+1.., seeing main slots 0..j and
-    its own earlier slots."""
+    its own earlier slots. (Fresh copies of a cached layout: callers may extend them.)"""
+    offsets, mask = _layout(n_specs, n_drafts, fallback)
+    return list(offsets), mask.clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(n_specs: int, n_drafts: int, fallback: bool) -> tuple[tuple[int, ...], torch.Tensor]:
     main = 1 + n_specs + n_drafts
     branches = n_specs if fallback else 0
     t = main + branches * n_drafts
@@ -110,7 +117,7 @@ def window_layout(n_specs: int, n_drafts: int, fallback: bool) -> tuple[list[int
         offsets += range(j + 1, j + 1 + n_drafts)
         mask[base: base + n_drafts, : j + 1] = True
         mask[base: base + n_drafts, base: base + n_drafts] = torch.ones(n_drafts, n_drafts, dtype=torch.bool).tril()
-    return offsets, mask
+    return tuple(offsets), mask
 
 
 def isd_step(logits: torch.Tensor, state: ISDState, n_drafts: int, params: SamplingParams,
