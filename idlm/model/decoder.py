@@ -138,6 +138,11 @@ def _small_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.bmm(probs, v3).view(b, h, t, d)
 
 
+def _causal(t: int, device: torch.device | str) -> torch.Tensor:
+    """(T, T) bool, True on and below the diagonal."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+
+
 def _row_kv(k: torch.Tensor, v: torch.Tensor, keys: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(keys, int):  # a prefix: a view, exactly what a one-token step reads
         return k[:, :, :keys], v[:, :, :keys]
@@ -263,20 +268,14 @@ class Decoder(nn.Module):
             start = cache.length
             cache.reserve(t)
             dev = cache.device
-            causal = torch.arange(t, device=dev)[None, :] <= torch.arange(t, device=dev)[:, None]
-            own = causal if window_mask is None else window_mask.to(dev)
             # bf16 windows take one masked multi-row attention: measured bit-identical, row for row,
             # to the one-token step (tests/model/test_window_exact.py). fp32 windows go row by row.
             if b == 1 and t <= SMALL_WINDOW and key_valid is None and (t == 1 or self.dtype == torch.float32):
-                rows: list[int | torch.Tensor] = []
-                for i in range(t):
-                    if torch.equal(own[i], causal[i]):
-                        rows.append(start + i + 1)
-                    else:
-                        rows.append(torch.cat([torch.arange(start, device=dev), start + own[i].nonzero()[:, 0]]))
-                return _Attn(cache, start, None, False, rows)
+                wm = None if window_mask is None else window_mask.to(dev)
+                return _Attn(cache, start, None, False, self._row_keys(start, t, wm))
             if t == 1 and key_valid is None:
                 return _Attn(cache, start, None, False)
+            own = _causal(t, dev) if window_mask is None else window_mask.to(dev)
             mask = torch.cat([torch.ones(t, start, dtype=torch.bool, device=dev), own], 1)  # (T, S)
             if key_valid is not None:  # (B, 1, T, S): real keys, and every slot sees itself
                 keys = torch.arange(start + t, device=dev)
@@ -288,6 +287,18 @@ class Decoder(nn.Module):
             mask = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask  # (B, 1, T, T)
             return _Attn(None, 0, mask, False)
         return _Attn(None, 0, None, t > 1)
+
+    @staticmethod
+    def _row_keys(start: int, t: int, window_mask: torch.Tensor | None) -> list[int | torch.Tensor]:
+        """Per query of a row-wise window: a key count (a causal prefix, read as a view of the cache,
+        exactly as a one-token step reads it) or, for a row the window mask makes non-causal, the
+        explicit key slots."""
+        if window_mask is None:  # the common case (every AR step): no mask work at all
+            return [start + i + 1 for i in range(t)]
+        causal = _causal(t, window_mask.device)
+        prefix = torch.arange(start, device=window_mask.device)
+        return [start + i + 1 if torch.equal(window_mask[i], causal[i])
+                else torch.cat([prefix, start + window_mask[i].nonzero()[:, 0]]) for i in range(t)]
 
     def head_weight(self) -> torch.Tensor:
         """(vocab, hidden): never includes an appended MASK row."""

@@ -107,7 +107,7 @@ def gated_span(gate: torch.Tensor) -> tuple[int, int] | None:
     if cached is not None and cached[0] == version:
         return cached[1]
     flat = gate.reshape(-1)
-    rows = flat.nonzero().squeeze(1)
+    rows = gated_rows(gate)
     span = None
     if rows.numel() == 0:
         span = (0, 0)
