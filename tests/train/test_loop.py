@@ -139,3 +139,19 @@ def test_init_from_warm_starts_a_lora_run(tiny_folder, toy_data, tmp_path):
                               init_from=str(tmp_path / "a")))
     with pytest.raises(ValueError, match="needs --mode lora"):
         _cfg(tiny_folder, toy_data, tmp_path / "d", mode="full", init_from=str(tmp_path / "a"))
+
+
+def test_convert_without_model_trains_the_bare_base(tiny_folder, toy_data, tmp_path, monkeypatch):
+    """load_model(None) is the shipped drafter; conversion must start from the base model instead."""
+    from idlm.model.loading import DEFAULT_MODEL
+
+    asked = []
+    real_load = loop_mod.load_model
+
+    def fake_load(name, **kw):
+        asked.append(name)
+        return real_load(str(tiny_folder), **kw)
+
+    monkeypatch.setattr(loop_mod, "load_model", fake_load)
+    loop_mod.Trainer(_cfg(tiny_folder, toy_data, tmp_path, model=None, mode="lora"))
+    assert asked == [DEFAULT_MODEL]
