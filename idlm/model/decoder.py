@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attend, padded_keys, prefix_window_bias
 from .config import ModelConfig
 from .rope import RotaryTable, apply_rotary
 
@@ -108,45 +109,79 @@ class _Attn:
 
     cache: KVCache | None  # append-and-attend cache, or None
     start: int  # first cache slot written by this forward
-    mask: torch.Tensor | None  # bool mask broadcastable to (B, H, T, S); True = attend
-    causal: bool  # use is_causal (no mask, no cache)
-    row_keys: list[int | torch.Tensor] | None = None  # row-wise path: per query, a key count (the
-    # prefix [0, n)) or the explicit key slots
+    mask: torch.Tensor | None  # no cache: bool mask broadcastable to (B, H, T, S); True = attend
+    causal: bool  # no cache and no mask: use is_causal
+    bias: torch.Tensor | None = None  # cache: (B, T, S) additive mask for ``attend`` (S padded)
+    paged: PagedBatch | None = None  # engine forward: pool slots and attention groups
+    pool: PagedKV | None = None  # engine forward: the paged K/V tensors
 
 
-SMALL_WINDOW = 64  # windows up to this many tokens (ISD: N = 8 with fallback) use the explicit attention below
+QUERY_TILE = 256  # a long prefill attends in tiles of this many query rows (row-stable, so exact)
 
 
-def _small_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of a few new queries over a cached prefix, as three plain ops.
+@dataclass
+class PagedKV:
+    """A paged K/V pool (owned by the engine): one slot per token, any slot order."""
 
-    q: (B, H, T, D); k, v: (B, Hkv, S, D); mask: (T, S) bool or None. Query heads that share a K/V head
-    are stacked along the row axis so GQA needs no K/V copy. On CPU this is several times faster than
-    the fused SDPA kernel for T <= 16 in bf16. Softmax runs in fp32.
-    """
+    k: torch.Tensor  # (layers, Hkv, slots, D)
+    v: torch.Tensor  # (layers, Hkv, slots, D)
+
+
+@dataclass
+class AttnGroup:
+    """Sequences whose new rows attend together: R sequences padded to T rows and S keys."""
+
+    rows: torch.Tensor  # (R, T) flat token index of each row (padding rows repeat a real one)
+    bias: torch.Tensor  # (R, T, S) fp32 additive mask; S a multiple of attention.KEY_BLOCK
+    src: torch.Tensor  # (n,) which of the R*T rows are real
+    dst: torch.Tensor  # (n,) their flat token index
+    key_slots: torch.Tensor | None = None  # (R, S) pool slot of every key (padding: a zero slot)
+    key_range: int | None = None  # R == 1 and the keys are pool slots [key_range, key_range + S)
+
+
+@dataclass
+class PagedBatch:
+    """A flat ragged batch over a paged pool: where each token's K/V goes, and who attends to what."""
+
+    write_slots: torch.Tensor  # (T,) pool slot each token's K/V is written to
+    groups: list[AttnGroup]  # every real token is a row of exactly one group
+
+
+def _cache_attention(q: torch.Tensor, cache: KVCache, layer: int, bias: torch.Tensor) -> torch.Tensor:
+    """q (B, H, T, D) over the cache's first S slots (bias (B, T, S)) -> (B, T, H*D) fp32, in tiles of
+    at most QUERY_TILE rows, each over the keys its rows can see."""
     b, h, t, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    g = h // hkv
-    q3 = q.reshape(b * hkv, g * t, d)
-    k3, v3 = k.reshape(b * hkv, s, d), v.reshape(b * hkv, s, d)  # views of the cache (no copy)
-    scores = torch.bmm(q3, k3.transpose(1, 2)).float() * d ** -0.5  # (B*Hkv, G*T, S)
-    if mask is not None:  # (T, S) or (B, 1, T, S)
-        m = mask if mask.dim() == 2 else mask[:, :, None]  # (B, 1, 1, T, S)
-        scores = scores.view(b, hkv, g, t, s).masked_fill(~m, float("-inf")).view(b * hkv, g * t, s)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.bmm(probs, v3).view(b, h, t, d)
+    hkv = cache.k.shape[2]
+    q5 = q.view(b, hkv, h // hkv, t, d).transpose(0, 1)  # (Hkv, B, G, T, D)
+    k, v = cache.k[layer].transpose(0, 1), cache.v[layer].transpose(0, 1)  # (Hkv, B, cap, D) views
+    start = cache.length
+    outs = []
+    for lo in range(0, t, QUERY_TILE):
+        hi = min(t, lo + QUERY_TILE)
+        s = padded_keys(start + hi) if t > QUERY_TILE else bias.shape[2]
+        outs.append(attend(q5[:, :, :, lo:hi], k[:, :, :s], v[:, :, :s], bias[:, lo:hi, :s]))
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, 3)  # (Hkv, B, G, T, D)
+    return o.permute(1, 3, 0, 2, 4).reshape(b, t, h * d)
 
 
-def _causal(t: int, device: torch.device | str) -> torch.Tensor:
-    """(T, T) bool, True on and below the diagonal."""
-    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
-
-
-def _row_kv(k: torch.Tensor, v: torch.Tensor, keys: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(keys, int):  # a prefix: a view, exactly what a one-token step reads
-        return k[:, :, :keys], v[:, :, :keys]
-    return k.index_select(2, keys), v.index_select(2, keys)
+def _paged_attention(q: torch.Tensor, pool: PagedKV, layer: int, batch: PagedBatch) -> torch.Tensor:
+    """q (1, H, T, D) of a flat batch -> (1, T, H*D) fp32: each group gathers its keys from the pool."""
+    _, h, t, d = q.shape
+    hkv = pool.k.shape[1]
+    out = q.new_empty(t, h * d, dtype=torch.float32)
+    kl, vl = pool.k[layer], pool.v[layer]  # (Hkv, slots, D)
+    for g in batch.groups:
+        r, tg = g.rows.shape
+        s = g.bias.shape[2]
+        qg = q[0].index_select(1, g.rows.reshape(-1)).view(hkv, h // hkv, r, tg, d).transpose(1, 2)
+        if g.key_range is not None:
+            k, v = kl[:, None, g.key_range: g.key_range + s], vl[:, None, g.key_range: g.key_range + s]
+        else:
+            idx = g.key_slots.reshape(-1)
+            k, v = kl.index_select(1, idx).view(hkv, r, s, d), vl.index_select(1, idx).view(hkv, r, s, d)
+        o = attend(qg, k, v, g.bias).permute(1, 3, 0, 2, 4).reshape(r * tg, h * d)
+        out[g.dst] = o[g.src]
+    return out[None]
 
 
 class Layer(nn.Module):
@@ -179,7 +214,11 @@ class Layer(nn.Module):
     def finish(self, x: torch.Tensor, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """Attention output o (B, H, T, D) → output projection, residual, MLP block."""
         b, t, _ = x.shape
-        x = x + self.o(o.transpose(1, 2).reshape(b, t, self.cfg.q_size), gate)
+        return self.finish_merged(x, o.transpose(1, 2).reshape(b, t, self.cfg.q_size), gate)
+
+    def finish_merged(self, x: torch.Tensor, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """``finish`` for an attention output already laid out as (B, T, H*D)."""
+        x = x + self.o(o.to(x.dtype), gate)
         g, u = self.gate_up(self.ln2(x), gate).chunk(2, dim=-1)
         return x + self.down(F.silu(g) * u, gate)
 
@@ -187,23 +226,22 @@ class Layer(nn.Module):
                 gate: torch.Tensor | None) -> torch.Tensor:
         t = x.shape[1]
         q, k, v = self.project(x, cos, sin, gate)
+        if attn.pool is not None:  # engine: write this forward's K/V into the pool, then attend
+            self.write_pool(attn.pool, attn.paged.write_slots, k, v)
+            return self.finish_merged(x, _paged_attention(q, attn.pool, self.index, attn.paged), gate)
         if attn.cache is not None:
             c, end = attn.cache, attn.start + t
             c.k[self.index, :, :, attn.start:end] = k
             c.v[self.index, :, :, attn.start:end] = v
-            k, v = c.k[self.index, :, :, :end], c.v[self.index, :, :, :end]
-        if attn.row_keys is not None:
-            # fp32: row by row over exactly the keys each query may see, the same ops and shapes as
-            # a one-token step, so a window reproduces AR's numbers bit for bit (MKL's fp32 bmm
-            # rounds a row differently depending on the row count). See _attn_args for bf16.
-            o = torch.cat([_small_window_attention(q[:, :, i:i + 1], *_row_kv(k, v, r), None)
-                           for i, r in enumerate(attn.row_keys)], 2)
-        elif attn.cache is not None and t <= SMALL_WINDOW:
-            o = _small_window_attention(q, k, v, attn.mask)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.causal,
-                                               enable_gqa=self.cfg.num_kv_heads != self.cfg.num_heads)
+            return self.finish_merged(x, _cache_attention(q, c, self.index, attn.bias), gate)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.causal,
+                                           enable_gqa=self.cfg.num_kv_heads != self.cfg.num_heads)
         return self.finish(x, o, gate)
+
+    def write_pool(self, pool: PagedKV, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (1, Hkv, T, D) → pool slots (T,) of this layer."""
+        pool.k[self.index].index_copy_(1, slots, k[0])
+        pool.v[self.index].index_copy_(1, slots, v[0])
 
 
 class Decoder(nn.Module):
@@ -238,67 +276,64 @@ class Decoder(nn.Module):
         ``gate`` (B, T) or (T,) in {0, 1} switches gated LoRA adapters on per token.
         ``key_valid`` (B, cache.length + T) bool marks real (non-padding) cache slots for batched
         decoding of left-padded prompts; a padding slot attends only to itself.
-        ``window_mask`` (T, T) bool (batch 1, with a cache): which of this forward's own slots each
-        new token sees (default causal); every new token sees the whole cached prefix. ISD uses it
-        for fallback drafts, whose slots must not see the drafts they replace."""
+        ``window_mask`` (T, T) bool (with a cache): which of this forward's own slots each new token
+        sees (default causal); every new token sees the whole cached prefix. ISD uses it for
+        fallback drafts, whose slots must not see the drafts they replace."""
         if input_ids.dim() == 1:
             input_ids, positions = input_ids[None], positions[None]
             gate = gate[None] if gate is not None else None
         b, t = input_ids.shape
         attn = self._attn_args(b, t, cache, attn_mask, key_valid, window_mask)
+        x = self._run_layers(input_ids, positions, gate, attn)
+        if cache is not None:
+            cache.length = attn.start + t
+        return x
+
+    def hidden_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: PagedKV, batch: PagedBatch,
+                     gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The engine's forward: a flat ragged batch of T tokens from many sequences (ids, positions,
+        gate: (T,)), K/V written to ``batch.write_slots`` of ``pool`` and attention per
+        ``batch.groups``. Returns final-normed hidden states (T, hidden). Every row is computed
+        exactly as ``hidden`` with a ``KVCache`` computes it (row-stable kernels, ``attend``)."""
+        attn = _Attn(None, 0, None, False, paged=batch, pool=pool)
+        return self._run_layers(input_ids[None], positions[None], None if gate is None else gate[None], attn)[0]
+
+    def _run_layers(self, ids: torch.Tensor, positions: torch.Tensor, gate: torch.Tensor | None,
+                    attn: _Attn) -> torch.Tensor:
         cos, sin = self.rope.lookup(positions, self.dtype)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
         g = gate[..., None].to(self.dtype) if gate is not None else None  # (B, T, 1)
-        x = self.embed(input_ids)
+        x = self.embed(ids)
         for layer in self.layers:
             x = layer(x, cos, sin, attn, g)
-        if cache is not None:
-            cache.length = attn.start + t
         return self.norm(x)
 
     def _attn_args(self, b: int, t: int, cache: KVCache | None, attn_mask: torch.Tensor | None,
                    key_valid: torch.Tensor | None = None, window_mask: torch.Tensor | None = None) -> _Attn:
-        if cache is not None:
+        if cache is None:
             if attn_mask is not None:
-                raise ValueError("pass either a cache (causal) or an attention mask, not both")
-            if cache.batch != b:
-                raise ValueError(f"cache batch {cache.batch} != input batch {b}")
-            if window_mask is not None and (b != 1 or key_valid is not None or window_mask.shape != (t, t)):
-                raise ValueError(f"window_mask must be ({t}, {t}) bool, for batch 1 without key_valid")
-            start = cache.length
-            cache.reserve(t)
-            dev = cache.device
-            # bf16 windows take one masked multi-row attention: measured bit-identical, row for row,
-            # to the one-token step (tests/model/test_window_exact.py). fp32 windows go row by row.
-            if b == 1 and t <= SMALL_WINDOW and key_valid is None and (t == 1 or self.dtype == torch.float32):
-                wm = None if window_mask is None else window_mask.to(dev)
-                return _Attn(cache, start, None, False, self._row_keys(start, t, wm))
-            if t == 1 and key_valid is None:
-                return _Attn(cache, start, None, False)
-            own = _causal(t, dev) if window_mask is None else window_mask.to(dev)
-            mask = torch.cat([torch.ones(t, start, dtype=torch.bool, device=dev), own], 1)  # (T, S)
-            if key_valid is not None:  # (B, 1, T, S): real keys, and every slot sees itself
-                keys = torch.arange(start + t, device=dev)
-                slots = start + torch.arange(t, device=dev)
-                mask = (mask & key_valid[:, None, :]) | (keys[None, :] == slots[:, None])
-                mask = mask[:, None]
-            return _Attn(cache, start, mask, False)
+                mask = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask  # (B, 1, T, T)
+                return _Attn(None, 0, mask, False)
+            return _Attn(None, 0, None, t > 1)
         if attn_mask is not None:
-            mask = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask  # (B, 1, T, T)
-            return _Attn(None, 0, mask, False)
-        return _Attn(None, 0, None, t > 1)
-
-    @staticmethod
-    def _row_keys(start: int, t: int, window_mask: torch.Tensor | None) -> list[int | torch.Tensor]:
-        """Per query of a row-wise window: a key count (a causal prefix, read as a view of the cache,
-        exactly as a one-token step reads it) or, for a row the window mask makes non-causal, the
-        explicit key slots."""
-        if window_mask is None:  # the common case (every AR step): no mask work at all
-            return [start + i + 1 for i in range(t)]
-        causal = _causal(t, window_mask.device)
-        prefix = torch.arange(start, device=window_mask.device)
-        return [start + i + 1 if torch.equal(window_mask[i], causal[i])
-                else torch.cat([prefix, start + window_mask[i].nonzero()[:, 0]]) for i in range(t)]
+            raise ValueError("pass either a cache (causal) or an attention mask, not both")
+        if cache.batch != b:
+            raise ValueError(f"cache batch {cache.batch} != input batch {b}")
+        if window_mask is not None and window_mask.shape != (t, t):
+            raise ValueError(f"window_mask must be ({t}, {t}) bool")
+        start, dev = cache.length, cache.device
+        s_len = padded_keys(start + t)
+        cache.reserve(s_len - start)  # padded keys are read (and masked), so they must exist
+        own = torch.ones(t, t, dtype=torch.bool, device=dev).tril() if window_mask is None else window_mask.to(dev)
+        if key_valid is None:
+            bias = prefix_window_bias(torch.full((b,), start, device=dev), own.expand(b, t, t), s_len)
+        else:  # real keys only, and every slot sees itself
+            vis = torch.zeros(b, t, s_len, dtype=torch.bool, device=dev)
+            vis[:, :, :start] = key_valid[:, None, :start]
+            vis[:, :, start:start + t] = own & key_valid[:, None, start:start + t]
+            vis[:, :, start:start + t] |= torch.eye(t, dtype=torch.bool, device=dev)
+            bias = torch.zeros(vis.shape, device=dev).masked_fill_(~vis, float("-inf"))
+        return _Attn(cache, start, None, False, bias=bias)
 
     def head_weight(self) -> torch.Tensor:
         """(vocab, hidden): never includes an appended MASK row."""

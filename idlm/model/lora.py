@@ -51,14 +51,18 @@ class GatedLoRAProj(Proj):
         y = row_stable_linear(x, self.weight, self.bias)
         if gate is None:
             return y
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():  # decoding: gates are 0/1; one arithmetic for every layout
+            flat_x, flat_y = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
             span = gated_span(gate)
-            if span is not None:  # decoding: the gated rows are one contiguous run of gate-1 slots
+            if span is not None:  # one contiguous run of gated slots (an ISD window): slice and add
                 lo, hi = span
                 if hi > lo:
-                    flat_x = x.reshape(-1, self.in_features)[lo:hi]
-                    delta = F.linear(F.linear(flat_x, self.lora_A.to(x.dtype)), self._scaled_b(x.dtype))
-                    y.view(-1, self.out_features)[lo:hi] += delta.to(y.dtype)
+                    flat_y[lo:hi] += self._delta(flat_x[lo:hi]).to(y.dtype)
+                return y
+            rows = gated_rows(gate)  # draft rows of several requests in one engine batch
+            if gate_is_binary(gate):
+                if rows.numel():
+                    flat_y.index_add_(0, rows, self._delta(flat_x.index_select(0, rows)).to(y.dtype))
                 return y
         rows = gated_rows(gate)  # (R,) flat indices into B*T
         if rows.numel() == 0:
@@ -71,6 +75,11 @@ class GatedLoRAProj(Proj):
         # in place on the fresh matmul output (linear's backward does not need it): no copy of y
         y.view(-1, self.out_features).index_add_(0, rows, delta.to(y.dtype))
         return y
+
+    def _delta(self, rows: torch.Tensor) -> torch.Tensor:
+        """scale · B(A x) for gated rows (R, in), inference only: row-stable matmuls, so a row's delta
+        does not depend on how many other gated rows (other requests' drafts) share the call."""
+        return row_stable_linear(row_stable_linear(rows, self.lora_A.to(rows.dtype)), self._scaled_b(rows.dtype))
 
     def _scaled_b(self, dtype: torch.dtype) -> torch.Tensor:
         """scale * B in ``dtype``, cached for inference until B changes (its version counter)."""
@@ -97,6 +106,17 @@ def gated_rows(gate: torch.Tensor) -> torch.Tensor:
     rows = gate.reshape(-1).nonzero().squeeze(1)
     gate._idlm_rows = (version, rows)  # type: ignore[attr-defined]
     return rows
+
+
+def gate_is_binary(gate: torch.Tensor) -> bool:
+    """True when every gate entry is 0 or 1 (decoding); cached on the gate like ``gated_rows``."""
+    version = None if gate.is_inference() else gate._version
+    cached = getattr(gate, "_idlm_binary", None)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    binary = bool(((gate == 0) | (gate == 1)).all())
+    gate._idlm_binary = (version, binary)  # type: ignore[attr-defined]
+    return binary
 
 
 def gated_span(gate: torch.Tensor) -> tuple[int, int] | None:

@@ -1,0 +1,87 @@
+"""Row-stable attention over a key prefix: the one attention every inference path uses.
+
+Greedy output can only be independent of the batch if each query row's attention output is a
+function of that row's query and the keys it may see, and of nothing else: not of how many other
+rows share the call (another request's window, a prefill chunk), not of how many padded keys follow
+its last visible key, not of the memory layout the keys came from (a contiguous cache or a gather
+from a paged pool). CPU kernels do not give that for free: the blocking of a matmul's reduction
+depends on its size, so a plain ``softmax(q kᵀ) v`` over S keys rounds a row differently when S
+or the row count changes (measured here: bf16 beyond ~1.5k keys, fp32 for any row count that is not
+a multiple of 4).
+
+``attend`` fixes every reduction to a shape that does not depend on the call:
+
+1. keys are padded to a multiple of ``KEY_BLOCK`` (the padding is masked and its values are zero);
+2. scores ``q kᵀ`` reduce over the head dim only (fixed); fp32 row counts are padded to a multiple of 4;
+3. one fused softmax per row over the padded keys (masked keys contribute exact zeros);
+4. ``p v`` runs per key block of ``KEY_BLOCK`` keys (a fixed reduction length), and the per-block
+   partial outputs are summed in fp32 by a pairwise tree over *absolute* block indices, so blocks
+   of zeros after a row's last visible key change nothing.
+
+``tests/model/test_attention.py`` checks the invariance with ``torch.equal`` over random ragged
+batches. Bit-identity holds for one CPU and one thread count; other thread counts may round
+differently (still consistently within a run).
+"""
+
+from __future__ import annotations
+
+import torch
+
+KEY_BLOCK = 128  # keys per reduction block of p·v (and the padding quantum of every key range)
+
+
+def padded_keys(n: int) -> int:
+    """Key count ``n`` rounded up to a multiple of KEY_BLOCK."""
+    return -(-n // KEY_BLOCK) * KEY_BLOCK
+
+
+def _tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 1 by pairs (0,1), (2,3), ... then pairs of pairs: the same additions in the same
+    order for block b whatever the total block count, since x + 0 == x exactly."""
+    while x.shape[1] > 1:
+        n = x.shape[1]
+        pairs = x[:, 0:n - 1:2] + x[:, 1::2]
+        x = torch.cat([pairs, x[:, n - 1:]], 1) if n % 2 else pairs
+    return x[:, 0]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention, row-stable.
+
+    q: (Hkv, R, G, T, D) — R sequences, T query rows each, G query heads per K/V head.
+    k, v: (Hkv, R, S, D) with S a multiple of KEY_BLOCK (any strides).
+    bias: (R, T, S) fp32, 0 where a row may attend and -inf elsewhere; every row must see a key.
+    Returns (Hkv, R, G, T, D) fp32.
+    """
+    hkv, r, g, t, d = q.shape
+    s_len = k.shape[2]
+    if s_len % KEY_BLOCK:
+        raise ValueError(f"key length {s_len} is not a multiple of {KEY_BLOCK}")
+    nb, b = s_len // KEY_BLOCK, hkv * r
+    tp = t
+    if q.dtype == torch.float32 and (g * t) % 4:  # MKL's fp32 matmul is row-stable for 4k rows only
+        while (g * tp) % 4:
+            tp += 1
+        q = torch.cat([q, q.new_zeros(hkv, r, g, tp - t, d)], 3)
+        bias = torch.cat([bias, bias[:, :1].expand(r, tp - t, s_len)], 1)
+    m = g * tp
+    scores = torch.matmul(q.reshape(b, m, d), k.reshape(b, s_len, d).transpose(1, 2))  # (B, M, S)
+    scores = scores.float().view(hkv, r, g, tp, s_len).mul_(d ** -0.5).add_(bias[None, :, None])
+    p = torch.softmax(scores, -1).to(v.dtype).view(b, m, nb, KEY_BLOCK).transpose(1, 2)  # (B, nb, M, KB)
+    o = torch.matmul(p, v.reshape(b, nb, KEY_BLOCK, d)).float()  # (B, nb, M, D): per-block partials
+    o = _tree_sum(o) if nb > 1 else o[:, 0]
+    return o.view(hkv, r, g, tp, d)[:, :, :, :t]
+
+
+def prefix_window_bias(prefix: torch.Tensor, window: torch.Tensor, s_len: int) -> torch.Tensor:
+    """Additive mask (R, T, S) for R sequences that each append a window to a cached prefix.
+
+    prefix: (R,) int, committed keys of each sequence (keys [0, prefix) are visible to every row).
+    window: (R, T, W) bool, which of the sequence's own new slots (keys prefix + 0..W-1) each row sees.
+    Keys past prefix + W are padding and never visible."""
+    r, t, w = window.shape
+    rel = torch.arange(s_len, device=window.device)[None, :] - prefix[:, None]  # (R, S)
+    seen = window.gather(2, rel.clamp(0, w - 1)[:, None, :].expand(r, t, s_len))  # (R, T, S)
+    vis = (rel < 0)[:, None, :] | (seen & (rel < w)[:, None, :])
+    zero = torch.zeros((), dtype=torch.float32, device=window.device)
+    return torch.where(vis, zero, torch.tensor(float("-inf"), device=window.device))
