@@ -6,6 +6,8 @@ of where its K/V live. Every check is ``torch.equal`` (bit for bit), in bf16 and
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ IDS = ["fp32", "bf16"]
 
 def _one_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
     """Row q (Hkv, G, D) alone over keys [0, n), from a fresh buffer with junk after n."""
-    hkv, g, d = q.shape
+    hkv, _, d = q.shape
     s = padded_keys(n)
     kk = torch.zeros(hkv, 1, s + KEY_BLOCK, d, dtype=k.dtype)
     vv = torch.full((hkv, 1, s + KEY_BLOCK, d), 3.0, dtype=v.dtype)  # junk past n must not matter
@@ -78,7 +80,7 @@ def test_chunked_long_prefill_equals_one_prefill(dtype: torch.dtype) -> None:
     last = model.logits(model.hidden(ids, pos, ref)[:, -1:])
     for cuts in ([0, 256, 512, 768, 1024, n], [0, 97, 500, 1000, n], [0, 1090] + list(range(1091, n + 1))):
         c = model.new_cache(capacity=1280)
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in itertools.pairwise(cuts):
             h = model.hidden(ids[a:b], pos[a:b], c)
         assert torch.equal(model.logits(h[:, -1:]), last), f"cuts {cuts[:4]}"
         assert torch.equal(c.k[..., :n, :], ref.k[..., :n, :]) and torch.equal(c.v[..., :n, :], ref.v[..., :n, :])
