@@ -1,7 +1,9 @@
 """Frozen, validated configuration dataclasses shared across modules.
 
-Validation errors are ``ConfigError`` (a ValueError) whose message names the offending flag, so the
-CLI can print one clear line. Nothing here reads files or touches devices.
+Validation errors are ``ConfigError`` (a ValueError) whose message names the offending flag and whose
+``field`` attribute names the dataclass field, so the CLI prints one clear line and the engine's
+callers (the server) can map it to their own parameter names. Nothing here reads files or touches
+devices.
 """
 
 from __future__ import annotations
@@ -10,16 +12,27 @@ import math
 from dataclasses import dataclass, field
 
 MIN_STRIDE, MAX_STRIDE = 2, 8
-SAMPLING_MODES = ("exact", "reference")
+AUTO = "auto"
+AUTO_MAX_STRIDE = 4  # --stride auto chooses N in 1..this each step
+SAMPLING_MODES = ("exact", "coupled", "reference")
+MAX_LOGPROBS = 20
 
 
 class ConfigError(ValueError):
-    """A user-supplied setting is out of range; the message names the flag."""
+    """A user-supplied setting is out of range; the message names the flag, ``field`` the field."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
-def _finite(name: str, v: float) -> None:
+def _finite(name: str, flag: str, v: float) -> None:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v) or math.isinf(v):
-        raise ConfigError(f"{name} must be a finite number, got {v!r}")
+        raise ConfigError(f"{flag} must be a finite number, got {v!r}", name)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -33,20 +46,27 @@ class SamplingParams:
     max_new_tokens: int = 256  # --max-new-tokens: hard cap on generated tokens
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # extra ids that end generation (kept)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    logprobs: int | None = None  # return each token's log-probability and this many top alternatives
 
     def __post_init__(self) -> None:
-        _finite("--temperature", self.temperature)
-        _finite("--top-p", self.top_p)
+        _finite("temperature", "--temperature", self.temperature)
+        _finite("top_p", "--top-p", self.top_p)
         if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"--top-k must be an integer >= 0, got {self.top_k!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}", "top_p")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ConfigError(f"--top-k must be an integer >= 0, got {self.top_k!r}", "top_k")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+                              "max_new_tokens")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}", "seed")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ConfigError(f"stop token ids must be non-negative integers, got {self.stop_token_ids!r}",
+                              "stop_token_ids")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ConfigError(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}", "logprobs")
 
     @property
     def greedy(self) -> bool:
@@ -58,26 +78,40 @@ class DecodeConfig:
     """Which decoder runs and its ISD knobs (spec §3)."""
 
     mode: str = "isd"  # --mode: isd (introspective strided decoding) or ar (one token per forward)
-    stride: int = 3  # --stride: N = tokens a forward can commit (1 anchor + N-1 drafts), 2..8
+    stride: int | str = 3  # --stride: N = tokens a forward can commit (1 anchor + N-1 drafts), 2..8, or auto
     pad_windows: bool = False  # --pad-windows: pad every window to its largest size like the GPU reference
     fallback: bool = True  # --fallback/--no-fallback: also draft for each possible rejection, so none costs a cold step
-    sampling_mode: str = "exact"  # --sampling-mode: exact (distribution-preserving) or reference (approximate)
+    sampling_mode: str = "exact"  # --sampling-mode: exact | coupled (both distribution-preserving) | reference
     mask_token_id: int | None = None  # MASK input id; None = the model's own
 
     def __post_init__(self) -> None:
         if self.mode not in ("isd", "ar"):
-            raise ConfigError(f"--mode must be 'isd' or 'ar', got {self.mode!r}")
-        if not isinstance(self.stride, int) or not MIN_STRIDE <= self.stride <= MAX_STRIDE:
-            raise ConfigError(f"--stride must be an integer in {MIN_STRIDE}..{MAX_STRIDE}, got {self.stride!r}")
+            raise ConfigError(f"--mode must be 'isd' or 'ar', got {self.mode!r}", "mode")
+        if self.stride != AUTO and (not _is_int(self.stride) or not MIN_STRIDE <= self.stride <= MAX_STRIDE):
+            raise ConfigError(f"--stride must be an integer in {MIN_STRIDE}..{MAX_STRIDE} or 'auto', "
+                              f"got {self.stride!r}", "stride")
         if self.sampling_mode not in SAMPLING_MODES:
-            raise ConfigError(f"--sampling-mode must be one of {SAMPLING_MODES}, got {self.sampling_mode!r}")
+            raise ConfigError(f"--sampling-mode must be one of {SAMPLING_MODES}, got {self.sampling_mode!r}",
+                              "sampling_mode")
+
+    @property
+    def auto(self) -> bool:
+        """N is chosen per step by the engine from the load (``--stride auto``)."""
+        return self.stride == AUTO
+
+    @property
+    def max_stride(self) -> int:
+        """The largest N a step may use: 1 for AR, the stride, or the auto ceiling."""
+        if self.mode == "ar":
+            return 1
+        return AUTO_MAX_STRIDE if self.auto else int(self.stride)
 
     @property
     def n_drafts(self) -> int:
-        return self.stride - 1
+        return self.max_stride - 1
 
     @property
     def window(self) -> int:
         """The largest window: pending + N-1 specs + N-1 MASKs (2N - 1), plus N-1 fallback MASKs for
         each of the N-1 specs that could be rejected when ``fallback`` is on."""
-        return 2 * self.stride - 1 + (self.n_drafts ** 2 if self.fallback else 0)
+        return 2 * self.max_stride - 1 + (self.n_drafts ** 2 if self.fallback else 0)

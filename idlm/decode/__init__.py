@@ -1,8 +1,22 @@
-"""Pure decoding algorithms: sampling, verification, ISD and AR reference decoders."""
+"""Pure decoding algorithms: sampling, verification, ISD windows and steps, and the batch-1 ISD and AR
+reference decoders (the engine's test oracle)."""
 
-from .isd import DecodeResult, ISDState, StepResult, ar_generate, generate, isd_generate, isd_step
-from .sampling import next_token, target_probs
-from .verify import Verdict, verify_greedy, verify_sampled
+from .isd import (
+                  DecodeResult,
+                  ISDState,
+                  StepResult,
+                  Stopper,
+                  Window,
+                  ar_generate,
+                  build_window,
+                  generate,
+                  isd_generate,
+                  isd_step,
+                  randomness,
+)
+from .sampling import KeyedNoise, next_token, pick, target_probs
+from .verify import Verdict, verify_greedy, verify_keyed, verify_sampled
 
-__all__ = ["DecodeResult", "ISDState", "StepResult", "Verdict", "ar_generate", "generate", "isd_generate",
-           "isd_step", "next_token", "target_probs", "verify_greedy", "verify_sampled"]
+__all__ = ["DecodeResult", "ISDState", "KeyedNoise", "StepResult", "Stopper", "Verdict", "Window", "ar_generate",
+           "build_window", "generate", "isd_generate", "isd_step", "next_token", "pick", "randomness",
+           "target_probs", "verify_greedy", "verify_keyed", "verify_sampled"]

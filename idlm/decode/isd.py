@@ -33,17 +33,18 @@ the correction, is emitted before its KV exists) and no MASK slot survives.
 from __future__ import annotations
 
 import functools
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..config import DecodeConfig, SamplingParams
+from ..config import ConfigError, DecodeConfig, SamplingParams
 from ..metrics import DecodeStats
 from ..model.decoder import Decoder, KVCache
-from .sampling import draw, make_generator, next_token, target_probs
-from .verify import Verdict, verify_greedy, verify_sampled
+from .sampling import KeyedNoise, draw, keyed_argmax, make_generator, pick, target_probs
+from .verify import Verdict, verify_greedy, verify_keyed, verify_sampled
 
 
 @dataclass
@@ -52,7 +53,7 @@ class ISDState:
 
     pending: int  # emitted token whose KV is not in the cache yet
     specs: list[int] = field(default_factory=list)  # drafts proposed by the previous forward
-    spec_q: torch.Tensor | None = None  # (len(specs), V) draft distributions q (sampling only)
+    spec_q: torch.Tensor | None = None  # (len(specs), V) draft distributions q (exact/reference sampling)
 
 
 @dataclass(frozen=True)
@@ -70,29 +71,93 @@ class DecodeResult:
     stats: DecodeStats
 
 
+@dataclass(frozen=True)
+class Window:
+    """The input of one ISD step for one sequence, appended after its committed KV."""
+
+    ids: list[int]  # pending, specs, main MASKs, fallback-branch MASKs, padding MASKs
+    offsets: list[int]  # position of each slot relative to the pending token
+    mask: torch.Tensor | None  # (T, T) bool: which window slots each slot sees (None = causal)
+    n_specs: int  # drafts being verified (slots 1..n_specs)
+    n_drafts: int  # N-1: MASKs drafting the next step's specs
+    used: int  # slots whose logits are read; the rest is padding
+
+    @property
+    def main(self) -> int:
+        """Slots of the main chain: pending + specs + MASKs."""
+        return 1 + self.n_specs + self.n_drafts
+
+    def gate(self) -> torch.Tensor:
+        """R-ISD adapter gate: 1 on every draft MASK (main chain and branches), 0 on clean slots and padding."""
+        g = torch.zeros(len(self.ids))
+        g[1 + self.n_specs: self.used] = 1.0
+        return g
+
+    def split(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the used slots (used, V) -> main chain (main, V), fallback (n_specs, n_drafts, V)."""
+        if self.used == self.main:
+            return logits[: self.main], None
+        return logits[: self.main], logits[self.main: self.used].view(self.n_specs, self.n_drafts, -1)
+
+
+def build_window(state: ISDState, n_drafts: int, fallback: bool, mask_id: int, pad_to: int = 0) -> Window:
+    """The window for ``state`` at stride n_drafts + 1 (spec §3.2): at most n_drafts of its specs are
+    verified (a smaller stride than the one that drafted them drops the rest), then n_drafts MASKs,
+    then with ``fallback`` one branch of n_drafts MASKs per spec; padded with causal MASKs to
+    ``pad_to`` slots if asked. n_drafts = 0 is an AR step: the window is the pending token alone."""
+    specs = state.specs[:n_drafts]
+    offsets, seen = window_layout(len(specs), n_drafts, fallback and n_drafts > 0)
+    used = len(offsets)
+    ids = [state.pending] + specs + [mask_id] * (used - 1 - len(specs))
+    branched = used > 1 + len(specs) + n_drafts
+    pad = max(0, pad_to - used)
+    if pad:  # padding MASKs: causal, never read, gate off
+        ids += [mask_id] * pad
+        offsets += range(offsets[-1] + 1, offsets[-1] + 1 + pad)
+        if branched:
+            full = torch.ones(used + pad, used + pad, dtype=torch.bool).tril()
+            full[:used, :used] = seen
+            seen = full
+    return Window(ids, offsets, seen if branched else None, len(specs), n_drafts, used)
+
+
 def propose(draft_logits: torch.Tensor, params: SamplingParams, sampling_mode: str,
-            gen: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
-    """Drafts from MASK logits (k, V): argmax when greedy or in reference mode, else sampled from q.
-    Returns (drafts, q) where q is what verification will divide by (None when greedy)."""
+            gen: torch.Generator | None, noise: KeyedNoise | None = None, index: int = 0
+            ) -> tuple[list[int], torch.Tensor | None]:
+    """Drafts from MASK logits (k, V) predicting output indices index..index+k-1: argmax when greedy
+    or in reference mode; keyed picks from q in coupled mode; else sampled from q. Returns (drafts,
+    q) where q is what verification will divide by (None when greedy or coupled)."""
+    if len(draft_logits) == 0:
+        return [], None
     if params.greedy:
         return torch.argmax(draft_logits, dim=-1).tolist(), None
     if sampling_mode == "reference":  # point-mass proposal, q = softmax(logits / T) (spec §3.4)
         q = torch.softmax(draft_logits.float() / params.temperature, dim=-1)
         return torch.argmax(draft_logits, dim=-1).tolist(), q
     q = target_probs(draft_logits, params)
+    if sampling_mode == "coupled":
+        return keyed_argmax(q, _noise(noise).rows(index, len(q))), None
     return draw(q, gen).tolist(), q
 
 
 def check_specs(anchor_logits: torch.Tensor, state: ISDState, params: SamplingParams, sampling_mode: str,
-                gen: torch.Generator | None) -> Verdict:
-    """Verify state.specs against anchor logits (len(specs), V)."""
+                gen: torch.Generator | None, noise: KeyedNoise | None = None, index: int = 0) -> Verdict:
+    """Verify state.specs against anchor logits (len(specs), V); specs[0] is output index ``index``."""
     if params.greedy:
         return verify_greedy(anchor_logits, state.specs)
+    if sampling_mode == "coupled":  # the anchor's own keyed pick is the truth; a draft passes if equal
+        return verify_keyed(target_probs(anchor_logits, params), state.specs, _noise(noise).rows(index, len(state.specs)))
     if sampling_mode == "reference":  # reference verifies against the un-truncated p
         p = torch.softmax(anchor_logits.float() / params.temperature, dim=-1)
     else:
         p = target_probs(anchor_logits, params)
     return verify_sampled(p, state.spec_q, state.specs, gen)
+
+
+def _noise(noise: KeyedNoise | None) -> KeyedNoise:
+    if noise is None:
+        raise ValueError("coupled sampling needs the request's KeyedNoise")
+    return noise
 
 
 def window_layout(n_specs: int, n_drafts: int, fallback: bool) -> tuple[list[int], torch.Tensor]:
@@ -122,24 +187,27 @@ def _layout(n_specs: int, n_drafts: int, fallback: bool) -> tuple[tuple[int, ...
 
 def isd_step(logits: torch.Tensor, state: ISDState, n_drafts: int, params: SamplingParams,
              sampling_mode: str = "exact", gen: torch.Generator | None = None,
-             fallback_logits: torch.Tensor | None = None) -> StepResult:
+             fallback_logits: torch.Tensor | None = None, noise: KeyedNoise | None = None,
+             index: int = 0) -> StepResult:
     """Pure ISD step: window logits (>= 1 + s + n_drafts, V) -> what to emit, keep and do next.
-    ``fallback_logits`` (s, n_drafts, V): branch j's MASK logits, drafting after a rejected specs[j]."""
+    ``fallback_logits`` (s, n_drafts, V): branch j's MASK logits, drafting after a rejected specs[j].
+    ``index``: output index of specs[0] (= tokens emitted so far); coupled mode keys its noise on it.
+    n_drafts = 0 is an AR step (no specs): emit the clean token, keep the pending slot."""
     s = len(state.specs)
-    verdict = check_specs(logits[:s], state, params, sampling_mode, gen)
+    verdict = check_specs(logits[:s], state, params, sampling_mode, gen, noise, index)
     if verdict.correction is not None:
         j = verdict.accepted
         emitted = state.specs[:j] + [verdict.correction]
         if fallback_logits is None:
             return StepResult(emitted, 1 + j, verdict, ISDState(verdict.correction))
-        drafts, q = propose(fallback_logits[j], params, sampling_mode, gen)
+        drafts, q = propose(fallback_logits[j], params, sampling_mode, gen, noise, index + j + 1)
         return StepResult(emitted, 1 + j, verdict, ISDState(verdict.correction, drafts, q))
-    clean = next_token(logits[s], params, gen)
-    drafts, q = propose(logits[s + 1: s + 1 + n_drafts], params, sampling_mode, gen)
+    clean = pick(logits[s: s + 1], params, gen, noise if sampling_mode == "coupled" else None, index + s)[0]
+    drafts, q = propose(logits[s + 1: s + 1 + n_drafts], params, sampling_mode, gen, noise, index + s + 1)
     return StepResult(state.specs + [clean], 1 + s, verdict, ISDState(clean, drafts, q))
 
 
-class _Stopper:
+class Stopper:
     """Appends emitted tokens one at a time and decides when generation ends (spec §3.6 Stop/EOS)."""
 
     def __init__(self, params: SamplingParams, eos_ids: tuple[int, ...]):
@@ -161,6 +229,15 @@ class _Stopper:
         return False
 
 
+def randomness(params: SamplingParams, sampling_mode: str, vocab: int
+               ) -> tuple[torch.Generator, KeyedNoise | None]:
+    """A request's random sources: a generator (exact / reference modes) and, in coupled mode with
+    T > 0, its keyed noise. Both derive from the seed (a fresh random one when it is None)."""
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    noise = KeyedNoise(seed, vocab) if sampling_mode == "coupled" and not params.greedy else None
+    return make_generator(seed), noise
+
+
 StepHook = Callable[[KVCache, list[int], ISDState | None], None]
 
 
@@ -171,13 +248,15 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
     step (tests check the KV invariants there)."""
     if not prompt:
         raise ValueError("empty prompt")
+    if cfg.auto:
+        raise ConfigError("--stride auto is chosen per step by the engine; the batch-1 decoder needs a number",
+                          "stride")
     t_start = time.perf_counter()
     n_drafts, mask = cfg.n_drafts, cfg.mask_token_id if cfg.mask_token_id is not None else model.cfg.mask_token_id
-    gen = make_generator(params.seed)
-    stats = DecodeStats(stride=cfg.stride, prompt_tokens=len(prompt))
-    stop = _Stopper(params, model.cfg.eos_token_ids)
+    gen, noise = randomness(params, cfg.sampling_mode, model.cfg.vocab_size)
+    stats = DecodeStats(stride=cfg.max_stride, prompt_tokens=len(prompt))
+    stop = Stopper(params, model.cfg.eos_token_ids)
     cache = model.new_cache(capacity=len(prompt) + params.max_new_tokens + 2 * cfg.window)
-
     gated = model.has_adapters  # R-ISD: adapters act on draft MASK slots only, so the anchor is the base
 
     # 1. Prefill exactly as AR does; the first token comes from the last prompt slot. The first step
@@ -185,41 +264,26 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
     p_len = len(prompt)
     hidden = model.hidden(torch.tensor(prompt), torch.arange(p_len), cache)[0]
     stats.forwards += 1
-    t0 = next_token(model.logits(hidden[-1:])[0], params, gen)
-    state = ISDState(t0)
-    done = stop.push([t0])
+    state = ISDState(pick(model.logits(hidden[-1:]), params, gen, noise, 0)[0])
+    done = stop.push([state.pending])
     if on_step:
         on_step(cache, stop.tokens, state)
 
     # 2. Steps: extend by a window, keep 1 + accepted, emit accepted + clean/correction.
     while not done:
-        s = len(state.specs)
-        offsets, seen = window_layout(s, n_drafts, cfg.fallback)
-        used = len(offsets)  # slots whose logits are read
-        window = [state.pending] + state.specs + [mask] * (used - 1 - s)
-        pad = cfg.window - used if cfg.pad_windows else 0
-        if pad:  # padding MASKs: causal, never read, gate off
-            window += [mask] * pad
-            offsets += range(offsets[-1] + 1, offsets[-1] + 1 + pad)
-            full = torch.ones(used + pad, used + pad, dtype=torch.bool).tril()
-            full[:used, :used] = seen
-            seen = full
+        win = build_window(state, n_drafts, cfg.fallback, mask, cfg.window if cfg.pad_windows else 0)
         start = cache.length
-        gate = None
-        if gated:  # 1 on every draft MASK (main chain and fallback branches), 0 on clean slots and padding
-            gate = torch.zeros(len(window))
-            gate[1 + s: used] = 1.0
-        hidden = model.hidden(torch.tensor(window), start + torch.tensor(offsets), cache, gate=gate,
-                              window_mask=seen if used > 1 + s + n_drafts else None)[0]
-        logits = model.logits(hidden[:used])
+        hidden = model.hidden(torch.tensor(win.ids), start + torch.tensor(win.offsets), cache,
+                              gate=win.gate() if gated else None, window_mask=win.mask)[0]
+        main, fb = win.split(model.logits(hidden[: win.used]))
         stats.forwards += 1
-        main = 1 + s + n_drafts
-        fb = logits[main:].view(s, n_drafts, -1) if used > main else None
-        step = isd_step(logits[:main], state, n_drafts, params, cfg.sampling_mode, gen, fb)
-        stats.record_verify(s, step.verdict.accepted)
+        step = isd_step(main, state, n_drafts, params, cfg.sampling_mode, gen, fb, noise, len(stop.tokens))
+        stats.record_verify(win.n_specs, step.verdict.accepted)
         cache.crop(start + step.kept)
         state = step.next_state
         done = stop.push(step.emitted)
+        if noise is not None:
+            noise.forget_before(len(stop.tokens))
         if done:  # tokens after a stop were dropped: drop their KV too, keeping the invariant exact
             cache.crop(min(cache.length, p_len + len(stop.tokens) - 1))
         if on_step:
@@ -232,17 +296,18 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
 
 @torch.inference_mode()
 def ar_generate(model: Decoder, prompt: list[int], params: SamplingParams,
-                on_step: StepHook | None = None) -> DecodeResult:
-    """Plain autoregressive decoding of the same network: one token per forward."""
+                on_step: StepHook | None = None, sampling_mode: str = "exact") -> DecodeResult:
+    """Plain autoregressive decoding of the same network: one token per forward. In coupled mode
+    token k is the keyed pick of index k, so it equals coupled ISD's output token for token."""
     if not prompt:
         raise ValueError("empty prompt")
     t_start = time.perf_counter()
-    gen = make_generator(params.seed)
+    gen, noise = randomness(params, sampling_mode, model.cfg.vocab_size)
     stats = DecodeStats(stride=1, prompt_tokens=len(prompt))
-    stop = _Stopper(params, model.cfg.eos_token_ids)
+    stop = Stopper(params, model.cfg.eos_token_ids)
     cache = model.new_cache(capacity=len(prompt) + params.max_new_tokens + 1)
     hidden = model.hidden(torch.tensor(prompt), torch.arange(len(prompt)), cache)[0]
-    tok = next_token(model.logits(hidden[-1:])[0], params, gen)
+    tok = pick(model.logits(hidden[-1:]), params, gen, noise, 0)[0]
     stats.forwards += 1
     done = stop.push([tok])
     while not done:
@@ -250,9 +315,11 @@ def ar_generate(model: Decoder, prompt: list[int], params: SamplingParams,
             on_step(cache, stop.tokens, None)
         start = cache.length
         hidden = model.hidden(torch.tensor([tok]), torch.tensor([start]), cache)[0]
-        tok = next_token(model.logits(hidden[-1:])[0], params, gen)
+        tok = pick(model.logits(hidden[-1:]), params, gen, noise, len(stop.tokens))[0]
         stats.forwards += 1
         done = stop.push([tok])
+        if noise is not None:
+            noise.forget_before(len(stop.tokens))
     stats.tokens = len(stop.tokens)
     stats.seconds = time.perf_counter() - t_start
     return DecodeResult(stop.tokens, stop.finish_reason or "length", stats)
@@ -261,5 +328,5 @@ def ar_generate(model: Decoder, prompt: list[int], params: SamplingParams,
 def generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: SamplingParams) -> DecodeResult:
     """Dispatch on cfg.mode."""
     if cfg.mode == "ar":
-        return ar_generate(model, prompt, params)
+        return ar_generate(model, prompt, params, sampling_mode=cfg.sampling_mode)
     return isd_generate(model, prompt, cfg, params)

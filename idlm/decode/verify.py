@@ -9,6 +9,8 @@ Modes:
 * exact (T > 0, our default): drafts were *sampled* from q; accept with min(1, p(x)/q(x)), else
   resample from norm(max(0, p - q)). This is speculative sampling, so each emitted token is
   distributed exactly as p (which already includes temperature / top-k / top-p).
+* coupled (T > 0): drafts and the anchor pick token k with the same keyed noise E_k (Gumbel-max);
+  a draft is accepted iff it equals the anchor's pick, so the output is exactly the keyed AR draw.
 * reference (T > 0): what the reference system does: argmax drafts, q = softmax(draft logits / T)
   evaluated at the argmax, p un-truncated. The proposal is a point mass, so this only approximates
   p; kept for comparison with published numbers.
@@ -56,4 +58,18 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, specs: list[int], gen: torc
             total = resid.sum()
             dist = resid / total if total > 0 else p[j]
             return Verdict(j, int(torch.multinomial(dist, 1, generator=gen)))
+    return Verdict(len(specs), None)
+
+
+def verify_keyed(p: torch.Tensor, specs: list[int], noise: torch.Tensor) -> Verdict:
+    """Coupled test. p: (len(specs), V) target probabilities; noise: the Exp(1) rows of the specs'
+    output indices. The anchor's own pick argmax(p / noise) is the token the text gets; specs[j] is
+    accepted iff it equals that pick, and otherwise the pick is the correction. Exact because the
+    emitted token is always the anchor's keyed draw."""
+    if not specs:
+        return Verdict(0, None)
+    best = torch.argmax(p / noise, dim=-1).tolist()
+    for j, (x, b) in enumerate(zip(specs, best)):
+        if x != b:
+            return Verdict(j, b)
     return Verdict(len(specs), None)
