@@ -46,13 +46,23 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
 
 
 def _add_isd_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stride", type=int, default=3, help="ISD stride N in 2..8: tokens a forward can commit (default 3)")
+    p.add_argument("--stride", default="3", help="ISD stride N in 2..8: tokens a forward can commit (default 3); "
+                   "'auto' lets the engine choose N each step from the load")
     p.add_argument("--pad-windows", action="store_true",
                    help="pad every ISD window to its largest size like the GPU reference (wasted work on CPU)")
     _add_fallback_arg(p)
-    p.add_argument("--sampling-mode", choices=("exact", "reference"), default="exact",
-                   help="exact: sampled drafts + speculative-sampling test, output distributed exactly as AR "
-                        "sampling (default); reference: argmax drafts as in the reference system (approximate)")
+    p.add_argument("--sampling-mode", choices=("exact", "coupled", "reference"), default="exact",
+                   help="how T > 0 drafts are judged. exact: sampled drafts + speculative-sampling test (default); "
+                        "coupled: each token's randomness is keyed by (seed, position), so a seeded request gives "
+                        "the same tokens with AR or ISD at any stride, alone or batched; both are distributed "
+                        "exactly as AR sampling. reference: argmax drafts as in the reference system (approximate)")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batched-tokens", type=int, default=512,
+                   help="tokens per forward: decode windows first, long prompts are chunked into the rest (default 512)")
+    p.add_argument("--kv-cache-gb", type=_float, default=None,
+                   help="KV cache pool size in GiB (default: a quarter of free memory, at most 4)")
 
 
 FALLBACK_HELP = ("fallback drafts: each window also drafts for every possible rejection, so a rejected draft "
@@ -107,19 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check greedy ISD == greedy AR on built-in prompts",
                        description="Run greedy ISD and greedy AR on K built-in chat prompts; the last line is the "
                                    "fraction of identical outputs. Exit status 1 unless it is 1.0.")
-    v.add_argument("--stride", type=int, default=3, help="ISD stride N in 2..8 (default 3)")
+    v.add_argument("--stride", default="3", help="ISD stride N in 2..8 or auto (default 3)")
     v.add_argument("--prompts", type=int, default=4, help="number of built-in prompts (default 4, max 16)")
     v.add_argument("--max-new-tokens", type=int, default=128, help="tokens per prompt (default 128)")
     v.add_argument("--pad-windows", action="store_true", help="pad windows to their largest size")
     _add_fallback_arg(v)
     _add_model_args(v, "fp32")
 
-    b = sub.add_parser("bench", help="tokens/s and TPF of our AR, our ISD and HF generate on the same prompts",
-                       description="Decode the same prompts sequentially with each mode; print a table, then one "
-                                   "JSON line {\"results\": [...]}. Default prompts: the first K GSM8K test questions "
-                                   "as chat prompts.")
-    b.add_argument("--modes", default="ar,isd,hf", help="comma list of ar, isd, hf (default ar,isd,hf)")
-    b.add_argument("--stride", default="3", help="ISD stride, or a comma list such as 2,3,4,5 (default 3)")
+    b = sub.add_parser("bench", help="throughput of engine AR and ISD at several concurrencies, side by side",
+                       description="Serve the same prompts through the engine with at most C requests in flight, "
+                                   "for each mode, stride and concurrency; print a table, then one JSON line "
+                                   "{\"results\": [...]} with total and per-request tok/s, TPF, latency p50/p90 and "
+                                   "'identical' (the fraction of outputs equal to the batch-1 AR decoder's). Default "
+                                   "prompts: the first K GSM8K test questions as chat prompts.")
+    b.add_argument("--modes", default="ar,isd", help="comma list of ar, isd (the engine), ar-b1, isd-b1 (the "
+                   "batch-1 decoders, one request at a time) and hf (transformers generate) (default ar,isd)")
+    b.add_argument("--stride", default="3", help="ISD stride, or a comma list such as 2,3,auto (default 3); auto = "
+                   "the engine picks N each step from the load")
+    b.add_argument("--concurrency", default="1", help="requests in flight, or a comma list such as 1,4,8,16 "
+                   "(default 1); each value is a separate engine run")
+    b.add_argument("--prompt-set", choices=("gsm8k", "builtin"), default="gsm8k",
+                   help="default prompts: GSM8K test questions, or 16 varied chat requests (default gsm8k)")
     b.add_argument("--prompts", type=int, default=4, help="number of prompts (default 4)")
     b.add_argument("--prompt-file", default=None, help="prompts file (one per line or JSONL with 'prompt')")
     b.add_argument("--max-new-tokens", type=int, default=256, help="tokens per prompt (default 256)")
@@ -127,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pad-windows", action="store_true", help="pad windows to their largest size")
     _add_fallback_arg(b, both=True)
     b.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
+    _add_engine_args(b)
     _add_model_args(b, "bf16")
 
     f = sub.add_parser("forward-cost", help="cost of a k-token window vs a 1-token forward over a cached prefix",

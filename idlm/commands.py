@@ -43,111 +43,181 @@ def _decode_cfg(args: argparse.Namespace, stride: int, mode: str = "isd", fallba
                         sampling_mode=getattr(args, "sampling_mode", "exact"), fallback=fallback)
 
 
+def _engine(lm: LoadedModel, args: argparse.Namespace, max_running: int | None = None):
+    from .engine import EngineConfig, LLMEngine
+
+    cfg = EngineConfig(max_running=max_running or getattr(args, "max_running", 16),
+                       max_batched_tokens=getattr(args, "max_batched_tokens", 512),
+                       kv_cache_gb=getattr(args, "kv_cache_gb", None))
+    return LLMEngine(lm.model, cfg)
+
+
+def _parse_stride(text: str | int) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--stride must be an integer in 2..8 or 'auto', got {text!r}", "stride") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .decode import generate
     from .eval.prompts import encode
+    from .text import IncrementalDetokenizer
 
     if not args.prompt.strip():
         raise ConfigError("--prompt is empty")
     params = _sampling(args)
-    cfg = _decode_cfg(args, args.stride, args.mode)
+    cfg = _decode_cfg(args, _parse_stride(args.stride), args.mode)
     lm = _setup(args)
     tok = lm.tokenizer()
     ids = encode(tok, args.prompt, args.chat)
     if not ids:
         raise ConfigError("--prompt encodes to no tokens")
-    out = generate(lm.model, ids, cfg, params)
-    text = tok.decode(out.tokens, skip_special_tokens=True)
-    s = out.stats
-    print(text)
+    engine = _engine(lm, args, max_running=1)
+    rid = engine.add_request(ids, params, cfg)
+    detok = IncrementalDetokenizer(tok)
+    stream = not args.json
+    while engine.has_unfinished():
+        for out in engine.step():
+            piece = detok.push(out.new_token_ids)
+            if stream and piece:
+                print(piece, end="", flush=True)
+    done = engine.completion(rid)
+    text = tok.decode(done.token_ids, skip_special_tokens=True)
+    s = done.stats
+    if stream:
+        print(detok.flush())
     acc = " ".join(f"{a:.2f}" for a in s.acceptance_at) or "-"
+    n = cfg.max_stride
     print(f"[{cfg.mode} N={cfg.stride if cfg.mode == 'isd' else 1}] {s.tokens} tokens, {s.forwards} forwards, "
           f"TPF {s.tpf:.2f}, {s.tokens_per_s:.1f} tok/s, acceptance by draft position {acc}, "
-          f"rejects {s.rejects}, cold steps {s.cold_steps}, finish {out.finish_reason}", file=sys.stderr)
+          f"rejects {s.rejects}, cold steps {s.cold_steps}, finish {done.finish_reason}", file=sys.stderr)
     if args.json:
         rec = {"text": text, "tokens": s.tokens, "forwards": s.forwards, "tpf": round(s.tpf, 4),
                "tokens_per_s": round(s.tokens_per_s, 3), "mode": cfg.mode,
-               "stride": cfg.stride if cfg.mode == "isd" else 1, "finish_reason": out.finish_reason,
-               "model": lm.name, "dtype": args.dtype, "stats": s.to_dict()}
+               "stride": cfg.stride if cfg.mode == "isd" else 1, "max_stride": n,
+               "finish_reason": done.finish_reason, "model": lm.name, "dtype": args.dtype, "stats": s.to_dict()}
         print(json.dumps(rec))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .eval.bench import run_ours
+    from .decode import ar_generate
     from .eval.prompts import BUILTIN_PROMPTS, encode
 
     if not 1 <= args.prompts <= len(BUILTIN_PROMPTS):
         raise ConfigError(f"--prompts must be in 1..{len(BUILTIN_PROMPTS)}")
     params = _sampling(args)
-    cfg = _decode_cfg(args, args.stride)
+    cfg = _decode_cfg(args, _parse_stride(args.stride))
     lm = _setup(args)
     tok = lm.tokenizer()
     prompts = [encode(tok, p, chat=True) for p in BUILTIN_PROMPTS[: args.prompts]]
-    ar = run_ours(lm, prompts, DecodeConfig(mode="ar"), params, "ar")
-    isd = run_ours(lm, prompts, cfg, params, f"isd N={cfg.stride}")
+    engine = _engine(lm, args, max_running=len(prompts))
+    isd = engine.generate(prompts, params, cfg, progress=sys.stderr.isatty())  # all in one batch
     same = 0
-    for i, (a, b) in enumerate(zip(ar.outputs, isd.outputs)):
-        first = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if a == b:
+    for i, (ids, got) in enumerate(zip(prompts, isd)):
+        ref = ar_generate(lm.model, ids, params).tokens  # the batch-1 AR decoder, alone
+        first = next((k for k, (x, y) in enumerate(zip(ref, got.token_ids)) if x != y), None)
+        if ref == got.token_ids:
             same += 1
-            print(f"prompt {i}: identical ({len(a)} tokens)")
+            print(f"prompt {i}: identical ({len(ref)} tokens)")
         else:
-            print(f"prompt {i}: DIFFERENT at token {first if first is not None else min(len(a), len(b))}")
-    print(f"ISD N={cfg.stride} TPF {isd.tpf:.3f}, dtype {args.dtype}")
-    frac = same / len(prompts)
-    print(f"{frac:.4g}")
+            print(f"prompt {i}: DIFFERENT at token {first if first is not None else min(len(ref), len(got.token_ids))}")
+    print(f"engine ISD N={cfg.stride}, {len(prompts)} requests in one batch, TPF {engine.metrics.tpf:.3f}, "
+          f"dtype {args.dtype}")
+    print(f"{same / len(prompts):.4g}")
     return 0 if same == len(prompts) else 1
 
 
-def _strides(text: str) -> list[int]:
+def _list(text: str, flag: str, parse=int) -> list:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        out = [parse(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--stride must be an integer or a comma list of integers, got {text!r}") from None
+        raise ConfigError(f"{flag} takes a comma list, got {text!r}") from None
+    if not out:
+        raise ConfigError(f"{flag} is empty")
+    return out
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .eval.bench import run_hf, run_ours
-    from .eval.prompts import encode, gsm8k_questions, read_prompt_file
+    from .eval.bench import MODES, run_batch1, run_engine, run_hf
+    from .eval.prompts import BUILTIN_PROMPTS, encode, gsm8k_questions, read_prompt_file
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("ar", "isd", "hf")]
+    bad = [m for m in modes if m not in MODES]
     if bad or not modes:
-        raise ConfigError(f"--modes takes a comma list of ar, isd, hf; got {args.modes!r}")
+        raise ConfigError(f"--modes takes a comma list of {', '.join(MODES)}; got {args.modes!r}")
     if args.prompts < 1:
         raise ConfigError("--prompts must be >= 1")
-    strides = _strides(args.stride)
+    strides = _list(args.stride, "--stride", _parse_stride)
+    concurrency = _list(args.concurrency, "--concurrency")
+    if min(concurrency) < 1:
+        raise ConfigError("--concurrency values must be >= 1")
     fallbacks = {"on": [True], "off": [False], "both": [False, True]}[args.fallback]
     cfgs = [_decode_cfg(args, n, fallback=f) for n in strides for f in fallbacks]  # validates each stride
+    if "isd-b1" in modes and any(c.auto for c in cfgs):
+        raise ConfigError("--stride auto needs the engine (mode isd), not isd-b1")
     params = _sampling(args, ignore_eos=args.ignore_eos)
-    texts = read_prompt_file(args.prompt_file)[: args.prompts] if args.prompt_file else gsm8k_questions(args.prompts)
+    if args.prompt_file:
+        texts = read_prompt_file(args.prompt_file)[: args.prompts]
+    elif args.prompt_set == "builtin":
+        texts = (BUILTIN_PROMPTS * (1 + args.prompts // len(BUILTIN_PROMPTS)))[: args.prompts]
+    else:
+        texts = gsm8k_questions(args.prompts)
     lm = _setup(args)
     tok = lm.tokenizer()
     prompts = [encode(tok, t, chat=True) for t in texts]
+    cost = None
+    if any(c.auto for c in cfgs) and "isd" in modes:
+        from .engine import CostModel
+
+        print("measuring forward cost by batch rows for --stride auto ...", file=sys.stderr)
+        cost = CostModel.measure(lm.model)
+    from .engine import EngineConfig
+
+    ecfg = EngineConfig(max_batched_tokens=args.max_batched_tokens, kv_cache_gb=args.kv_cache_gb)
+    oracle = run_batch1(lm, prompts, DecodeConfig(mode="ar", sampling_mode=cfgs[0].sampling_mode), params,
+                        desc="oracle: batch-1 AR")
     results = []
-    for m in modes:
-        if m == "ar":
-            results.append(run_ours(lm, prompts, DecodeConfig(mode="ar"), params, "ar"))
-        elif m == "isd":
-            results += [run_ours(lm, prompts, c, params, f"isd N={c.stride}{'' if c.fallback else ' no-fb'}")
-                        for c in cfgs]
-        else:
-            results.append(run_hf(lm, prompts, params, DTYPES[args.dtype]))
-    ar = next((r for r in results if r.mode == "ar"), None)
-    print(f"{len(prompts)} prompts, max {params.max_new_tokens} new tokens, dtype {args.dtype}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'mode':<6}{'N':>3}{'fb':>4}{'tokens':>8}{'forwards':>10}{'TPF':>7}{'tok/s':>9}{'vs ar':>7}  "
-          f"{'same as ar':<11} acceptance by draft position")
+    for c in concurrency:
+        for m in modes:
+            if m == "ar":
+                results.append(run_engine(lm, prompts, DecodeConfig(mode="ar"), params, c, ecfg, cost, f"ar C={c}"))
+            elif m == "isd":
+                results += [run_engine(lm, prompts, d, params, c, ecfg, cost, f"isd N={d.stride} C={c}") for d in cfgs]
+            elif c == concurrency[0]:  # one-at-a-time references: once
+                if m == "ar-b1":
+                    results.append(oracle)
+                elif m == "isd-b1":
+                    results += [run_batch1(lm, prompts, d, params, f"isd-b1 N={d.stride}") for d in cfgs]
+                else:
+                    results.append(run_hf(lm, prompts, params, DTYPES[args.dtype]))
     for r in results:
-        rel = f"{r.tokens_per_s / ar.tokens_per_s:.2f}x" if ar and ar.tokens_per_s else "-"
-        same = "-" if not ar or r is ar else f"{sum(a == b for a, b in zip(ar.outputs, r.outputs))}/{len(prompts)}"
-        fb = ("on" if r.fallback else "off") if r.mode == "isd" else "-"
-        acc = " ".join(f"{a:.2f}" for a in r.acceptance_at()) if r.mode == "isd" else ""
-        print(f"{r.mode:<6}{r.stride:>3}{fb:>4}{r.tokens:>8}{r.forwards:>10}{r.tpf:>7.2f}{r.tokens_per_s:>9.1f}"
-              f"{rel:>7}  {same:<11} {acc}")
-    print(json.dumps({"results": [r.to_json() for r in results]}))
+        r.identical = round(sum(a == b for a, b in zip(oracle.outputs, r.outputs)) / len(prompts), 4)
+    _print_bench(results, prompts, params, args)
+    print(json.dumps({"prompts": len(prompts), "max_new_tokens": params.max_new_tokens, "dtype": args.dtype,
+                      "threads": torch.get_num_threads(), "results": [r.to_json() for r in results]}))
     return 0
+
+
+def _print_bench(results, prompts, params, args) -> None:
+    print(f"{len(prompts)} prompts, max {params.max_new_tokens} new tokens, dtype {args.dtype}, "
+          f"{torch.get_num_threads()} threads; 'vs AR' = total tok/s / engine AR at the same concurrency")
+    print(f"{'mode':<7}{'N':>5}{'fb':>4}{'C':>4}{'tokens':>8}{'TPF':>6}{'total/s':>9}{'req/s':>8}{'p50 s':>7}"
+          f"{'p90 s':>7}{'vs AR':>7}{'same':>6}{'ovh':>6}  acceptance / auto N")
+    ar = {r.concurrency: r for r in results if r.mode == "ar"}
+    for r in results:
+        base = ar.get(r.concurrency)
+        rel = f"{r.total_tokens_per_s / base.total_tokens_per_s:.2f}x" if base and base.total_tokens_per_s else "-"
+        fb = ("on" if r.fallback else "off") if r.mode.startswith("isd") else "-"
+        ovh = f"{r.overhead_ratio:.2f}" if r.overhead_ratio is not None else "-"
+        extra = " ".join(f"{a:.2f}" for a in r.acceptance_at()) if r.mode.startswith("isd") else ""
+        if r.strides_chosen:
+            extra += "  N: " + ", ".join(f"{k}:{v}" for k, v in sorted(r.strides_chosen.items()))
+        print(f"{r.mode:<7}{r.stride!s:>5}{fb:>4}{r.concurrency:>4}{r.tokens:>8}{r.tpf:>6.2f}"
+              f"{r.total_tokens_per_s:>9.1f}{r.per_request_tokens_per_s:>8.1f}{r.latency(0.5):>7.2f}"
+              f"{r.latency(0.9):>7.2f}{rel:>7}{r.identical!s:>6}{ovh:>6}  {extra}")
 
 
 DEMO_PROMPTS = [
@@ -158,7 +228,7 @@ DEMO_PROMPTS = [
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .decode import ar_generate, isd_generate
+    from .decode import ar_generate
     from .eval.prompts import encode
 
     lm = _setup(args)
@@ -173,23 +243,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         m = lm.meta
         print(f"drafter: R-ISD gated LoRA (rank {m.lora_rank}, trained {m.steps} steps at block {m.block_size}); "
               f"the anchor is exactly the base model, so ISD output equals the base model's greedy output.\n")
+    engine = _engine(lm, args, max_running=1)
+    engine.generate([encode(tok, DEMO_PROMPTS[0], chat=True)[:16]], SamplingParams(max_new_tokens=4), cfg)  # warm-up
     for text in DEMO_PROMPTS:
         ids = encode(tok, text, chat=True)
-        ar = ar_generate(lm.model, ids, params)
-        isd = isd_generate(lm.model, ids, cfg, params)
+        isd = engine.generate([ids], params, cfg)[0]
+        ar = engine.generate([ids], params, DecodeConfig(mode="ar"))[0]
+        same = isd.token_ids == ar.token_ids == ar_generate(lm.model, ids, params).tokens
         print(f"Q: {text}")
-        print(f"A: {tok.decode(isd.tokens, skip_special_tokens=True).strip()}")
+        print(f"A: {tok.decode(isd.token_ids, skip_special_tokens=True).strip()}")
         a, s = ar.stats, isd.stats
         print(f"   ISD: {s.tokens} tokens in {s.forwards} forwards, TPF {s.tpf:.2f}, {s.tokens_per_s:.1f} tok/s | "
               f"AR: TPF 1.00, {a.tokens_per_s:.1f} tok/s | ISD/AR speed {s.tokens_per_s / a.tokens_per_s:.2f}x | "
-              f"identical to AR: {'yes' if isd.tokens == ar.tokens else 'NO'}\n")
+              f"identical to AR: {'yes' if same else 'NO'}\n")
     return 0
 
 
 def cmd_forward_cost(args: argparse.Namespace) -> int:
     from .eval.bench import forward_cost
 
-    windows = _strides(args.windows)
+    windows = _list(args.windows, "--windows")
     if not windows or min(windows) < 1 or args.prefix < 1 or args.reps < 1:
         raise ConfigError("--windows, --prefix and --reps must be positive")
     lm = _setup(args)

@@ -78,15 +78,20 @@ def test_verify_prints_fraction_last() -> None:
 
 def test_bench_ends_with_json_line(tmp_path: Path) -> None:
     prompts = tmp_path / "p.txt"
-    prompts.write_text("Say hello.\nName a color.\n")
-    r = run_cli(["bench", "--modes", "ar,isd,hf", "--stride", "2,3", "--prompts", "2", "--prompt-file", str(prompts),
-                 "--max-new-tokens", "8", "--threads", "2", "--dtype", "fp32"])
+    prompts.write_text("Say hello.\nName a color.\nCount to three.\n")
+    r = run_cli(["bench", "--modes", "ar,isd,ar-b1,hf", "--stride", "2,3", "--concurrency", "1,2", "--prompts", "3",
+                 "--prompt-file", str(prompts), "--max-new-tokens", "8", "--threads", "2", "--dtype", "fp32",
+                 "--kv-cache-gb", "0.1"])
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout.strip().splitlines()[-1])
-    modes = [(x["mode"], x["stride"]) for x in rec["results"]]
-    assert modes == [("ar", 1), ("isd", 2), ("isd", 3), ("hf", 1)]
+    runs = [(x["mode"], x["stride"], x["concurrency"]) for x in rec["results"]]
+    assert runs == [("ar", 1, 1), ("isd", 2, 1), ("isd", 3, 1), ("ar-b1", 1, 1), ("hf", 1, 1),
+                    ("ar", 1, 2), ("isd", 2, 2), ("isd", 3, 2)]
     for x in rec["results"]:
-        assert set(x) >= {"mode", "stride", "tokens_per_s", "tpf", "forwards", "tokens"}
-        assert x["tokens"] > 0
-    ar, hf = rec["results"][0], rec["results"][-1]
-    assert ar["tpf"] == 1.0 and ar["tokens"] == hf["tokens"]  # same greedy text length as transformers
+        assert set(x) >= {"total_tokens_per_s", "per_request_tokens_per_s", "tpf", "latency_p50_s", "latency_p90_s",
+                          "identical", "tokens", "forwards"}
+        assert x["tokens"] > 0 and x["latency_p90_s"] >= x["latency_p50_s"] > 0
+        if x["mode"] != "hf":  # the engine at any concurrency reproduces the batch-1 AR decoder
+            assert x["identical"] == 1.0, x
+    ar = rec["results"][0]
+    assert ar["tpf"] == 1.0 and ar["tokens"] == rec["results"][4]["tokens"]  # same greedy length as transformers

@@ -1,9 +1,17 @@
-"""Throughput bench and losslessness check: our AR, our ISD and transformers' ``generate`` on the same
-prompts, in one process, one after the other, so the ratios are measured side by side."""
+"""Throughput bench: the engine (AR and ISD, at several concurrencies), the batch-1 decoders and
+transformers' ``generate`` on the same prompts, in one process, one after the other, so the ratios are
+measured side by side.
+
+At concurrency C the bench behaves like a client that keeps C requests in flight: it submits a new
+prompt whenever one finishes. Latency is from submission to the last token. ``identical`` is the
+fraction of requests whose tokens equal that request decoded alone by the batch-1 AR decoder (the
+test oracle; for coupled sampling too, since coupled ISD equals coupled AR token for token).
+"""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -11,58 +19,128 @@ from tqdm import tqdm
 
 from ..config import DecodeConfig, SamplingParams
 from ..decode import ar_generate, isd_generate
+from ..engine import CostModel, EngineConfig, LLMEngine
 from ..metrics import DecodeStats
 from ..model import LoadedModel
 
+B1_MODES = ("ar-b1", "isd-b1")  # the batch-1 reference decoders, one request at a time
+MODES = ("ar", "isd", "hf", *B1_MODES)
+
 
 @dataclass
-class ModeResult:
-    mode: str  # ar | isd | hf
-    stride: int  # N (1 for ar / hf)
-    fallback: bool = False  # ISD with fallback drafts
-    tokens: int = 0
-    forwards: int = 0
-    seconds: float = 0.0
-    outputs: list[list[int]] = field(default_factory=list)  # generated ids per prompt
+class RunResult:
+    mode: str  # ar | isd (engine), hf, ar-b1 | isd-b1 (batch-1 decoders)
+    stride: int | str  # N (1 for AR), or "auto"
+    fallback: bool  # ISD fallback drafts
+    concurrency: int  # requests in flight
+    seconds: float = 0.0  # wall time of the whole run
+    outputs: list[list[int]] = field(default_factory=list)  # generated ids per prompt, in prompt order
+    latencies: list[float] = field(default_factory=list)  # per prompt: submission -> last token
     stats: list[DecodeStats] = field(default_factory=list)
+    identical: float | None = None  # fraction equal to the batch-1 AR oracle
+    steps: int = 0  # batched forwards (engine)
+    overhead_ratio: float | None = None  # engine scheduling + bookkeeping time / forward time
+    strides_chosen: Counter = field(default_factory=Counter)  # --stride auto: steps per chosen N ("3-nofb")
 
     @property
-    def tokens_per_s(self) -> float:
+    def tokens(self) -> int:
+        return sum(len(o) for o in self.outputs)
+
+    @property
+    def forwards(self) -> int:
+        return sum(s.forwards for s in self.stats) if self.stats else self.tokens
+
+    @property
+    def total_tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def per_request_tokens_per_s(self) -> float:
+        rates = [len(o) / t for o, t in zip(self.outputs, self.latencies) if t > 0]
+        return sum(rates) / len(rates) if rates else 0.0
 
     @property
     def tpf(self) -> float:
         return self.tokens / self.forwards if self.forwards else 0.0
 
+    def latency(self, q: float) -> float:
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else 0.0
+
     def acceptance_at(self) -> list[float]:
-        tested = [sum(s.tested_at[j] for s in self.stats) for j in range(self.stride - 1)]
-        acc = [sum(s.accepted_at[j] for s in self.stats) for j in range(self.stride - 1)]
+        n = max((len(s.tested_at) for s in self.stats), default=0)
+        tested = [sum(s.tested_at[j] for s in self.stats if j < len(s.tested_at)) for j in range(n)]
+        acc = [sum(s.accepted_at[j] for s in self.stats if j < len(s.accepted_at)) for j in range(n)]
         return [a / t if t else 0.0 for a, t in zip(acc, tested)]
 
     def to_json(self) -> dict:
-        d = {"mode": self.mode, "stride": self.stride, "tokens_per_s": round(self.tokens_per_s, 3),
-             "tpf": round(self.tpf, 4), "forwards": self.forwards, "tokens": self.tokens,
-             "seconds": round(self.seconds, 3)}
-        if self.mode == "isd":
+        d = {"mode": self.mode, "stride": self.stride, "concurrency": self.concurrency,
+             "total_tokens_per_s": round(self.total_tokens_per_s, 3),
+             "per_request_tokens_per_s": round(self.per_request_tokens_per_s, 3), "tpf": round(self.tpf, 4),
+             "latency_p50_s": round(self.latency(0.5), 4), "latency_p90_s": round(self.latency(0.9), 4),
+             "identical": self.identical, "tokens": self.tokens, "forwards": self.forwards,
+             "seconds": round(self.seconds, 3), "requests": len(self.outputs)}
+        if self.mode in ("isd", "isd-b1"):
             d["fallback"] = self.fallback
             d["acceptance_at"] = [round(x, 4) for x in self.acceptance_at()]
+        if self.mode in ("ar", "isd"):
+            d["steps"] = self.steps
+            d["overhead_ratio"] = round(self.overhead_ratio or 0.0, 4)
+        if self.strides_chosen:
+            d["strides_chosen"] = {str(k): v for k, v in sorted(self.strides_chosen.items())}
         return d
 
 
-def run_ours(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, params: SamplingParams,
-             desc: str) -> ModeResult:
-    res = ModeResult(cfg.mode, cfg.stride if cfg.mode == "isd" else 1, cfg.mode == "isd" and cfg.fallback)
-    for ids in tqdm(prompts, desc=desc, leave=False):
-        out = isd_generate(lm.model, ids, cfg, params) if cfg.mode == "isd" else ar_generate(lm.model, ids, params)
-        res.tokens += out.stats.tokens
-        res.forwards += out.stats.forwards
-        res.seconds += out.stats.seconds
-        res.outputs.append(out.tokens)
-        res.stats.append(out.stats)
+def run_engine(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, params: SamplingParams,
+               concurrency: int, engine_cfg: EngineConfig, cost: CostModel | None = None,
+               desc: str = "") -> RunResult:
+    """Serve ``prompts`` through a fresh engine with at most ``concurrency`` requests in flight."""
+    stride = 1 if cfg.mode == "ar" else cfg.stride
+    res = RunResult(cfg.mode, stride, cfg.mode == "isd" and cfg.fallback, concurrency)
+    eng = LLMEngine(lm.model, EngineConfig(**{**engine_cfg.__dict__, "max_running": concurrency}), cost=cost)
+    eng.generate([prompts[0][:16]], SamplingParams(max_new_tokens=4), cfg)  # warm-up, not timed
+    eng.metrics.__init__(kv_blocks_total=eng.blocks.num_total)
+    eng.stride_policy.chosen.clear()
+    n = len(prompts)
+    res.outputs, res.latencies, res.stats = [[]] * n, [0.0] * n, [DecodeStats()] * n
+    todo, inflight = list(range(n)), {}
+    bar = tqdm(total=n, desc=desc, leave=False)
+    t0 = time.perf_counter()
+    while todo or inflight:
+        while todo and len(inflight) < concurrency:
+            i = todo.pop(0)
+            inflight[eng.add_request(prompts[i], params, cfg)] = i
+        for out in eng.step():
+            if out.finished and out.request_id in inflight:
+                i = inflight.pop(out.request_id)
+                c = eng.completion(out.request_id)
+                res.outputs[i], res.latencies[i], res.stats[i] = c.token_ids, c.latency_s, c.stats
+                bar.update(1)
+    res.seconds = time.perf_counter() - t0
+    bar.close()
+    res.steps, res.overhead_ratio = eng.metrics.steps, eng.metrics.overhead_ratio
+    res.strides_chosen = Counter({f"{n}{'' if fb or n == 1 else '-nofb'}": c
+                                  for (n, fb), c in eng.stride_policy.chosen.items()})
     return res
 
 
-def run_hf(lm: LoadedModel, prompts: list[list[int]], params: SamplingParams, dtype: torch.dtype) -> ModeResult:
+def run_batch1(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, params: SamplingParams,
+               desc: str = "") -> RunResult:
+    """The batch-1 reference decoders, one prompt after the other."""
+    isd = cfg.mode == "isd"
+    res = RunResult("isd-b1" if isd else "ar-b1", cfg.stride if isd else 1, isd and cfg.fallback, 1)
+    t0 = time.perf_counter()
+    for ids in tqdm(prompts, desc=desc, leave=False):
+        out = isd_generate(lm.model, ids, cfg, params) if isd else \
+            ar_generate(lm.model, ids, params, sampling_mode=cfg.sampling_mode)
+        res.outputs.append(out.tokens)
+        res.latencies.append(out.stats.seconds)
+        res.stats.append(out.stats)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def run_hf(lm: LoadedModel, prompts: list[list[int]], params: SamplingParams, dtype: torch.dtype) -> RunResult:
     """transformers' greedy ``generate`` on the same weights (the folder our model was loaded from)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -70,19 +148,17 @@ def run_hf(lm: LoadedModel, prompts: list[list[int]], params: SamplingParams, dt
     hf_logging.set_verbosity_error()
     hf = AutoModelForCausalLM.from_pretrained(str(lm.folder), dtype=dtype).eval()
     eos = None if params.ignore_eos else list(lm.model.cfg.eos_token_ids) or None
-    res = ModeResult("hf", 1)
+    res = RunResult("hf", 1, False, 1)
+    t0 = time.perf_counter()
     for ids in tqdm(prompts, desc="hf", leave=False):
         x = torch.tensor([ids])
         t = time.perf_counter()
         with torch.inference_mode():
             y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=params.max_new_tokens,
                             do_sample=False, eos_token_id=eos, pad_token_id=eos[0] if eos else 0)
-        dt = time.perf_counter() - t
-        new = y[0, len(ids):].tolist()
-        res.tokens += len(new)
-        res.forwards += len(new)
-        res.seconds += dt
-        res.outputs.append(new)
+        res.latencies.append(time.perf_counter() - t)
+        res.outputs.append(y[0, len(ids):].tolist())
+    res.seconds = time.perf_counter() - t0
     return res
 
 

@@ -137,6 +137,7 @@ class AttnGroup:
     dst: torch.Tensor  # (n,) their flat token index
     key_slots: torch.Tensor | None = None  # (R, S) pool slot of every key (padding: a zero slot)
     key_range: int | None = None  # R == 1 and the keys are pool slots [key_range, key_range + S)
+    dense: bool = False  # rows == arange(R*T) and the group is the whole batch: no gather, no scatter
 
 
 @dataclass
@@ -145,6 +146,7 @@ class PagedBatch:
 
     write_slots: torch.Tensor  # (T,) pool slot each token's K/V is written to
     groups: list[AttnGroup]  # every real token is a row of exactly one group
+    write_range: int | None = None  # the write slots are [write_range, write_range + T): a slice
 
 
 def _cache_attention(q: torch.Tensor, cache: KVCache, layer: int, bias: torch.Tensor) -> torch.Tensor:
@@ -173,13 +175,16 @@ def _paged_attention(q: torch.Tensor, pool: PagedKV, layer: int, batch: PagedBat
     for g in batch.groups:
         r, tg = g.rows.shape
         s = g.bias.shape[2]
-        qg = q[0].index_select(1, g.rows.reshape(-1)).view(hkv, h // hkv, r, tg, d).transpose(1, 2)
+        qg = q[0] if g.dense else q[0].index_select(1, g.rows.reshape(-1))
+        qg = qg.view(hkv, h // hkv, r, tg, d).transpose(1, 2)
         if g.key_range is not None:
             k, v = kl[:, None, g.key_range: g.key_range + s], vl[:, None, g.key_range: g.key_range + s]
         else:
             idx = g.key_slots.reshape(-1)
             k, v = kl.index_select(1, idx).view(hkv, r, s, d), vl.index_select(1, idx).view(hkv, r, s, d)
         o = attend(qg, k, v, g.bias).permute(1, 3, 0, 2, 4).reshape(r * tg, h * d)
+        if g.dense:
+            return o[None]
         out[g.dst] = o[g.src]
     return out[None]
 
@@ -227,7 +232,7 @@ class Layer(nn.Module):
         t = x.shape[1]
         q, k, v = self.project(x, cos, sin, gate)
         if attn.pool is not None:  # engine: write this forward's K/V into the pool, then attend
-            self.write_pool(attn.pool, attn.paged.write_slots, k, v)
+            self.write_pool(attn.pool, attn.paged, k, v)
             return self.finish_merged(x, _paged_attention(q, attn.pool, self.index, attn.paged), gate)
         if attn.cache is not None:
             c, end = attn.cache, attn.start + t
@@ -238,10 +243,15 @@ class Layer(nn.Module):
                                            enable_gqa=self.cfg.num_kv_heads != self.cfg.num_heads)
         return self.finish(x, o, gate)
 
-    def write_pool(self, pool: PagedKV, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v (1, Hkv, T, D) → pool slots (T,) of this layer."""
-        pool.k[self.index].index_copy_(1, slots, k[0])
-        pool.v[self.index].index_copy_(1, slots, v[0])
+    def write_pool(self, pool: PagedKV, batch: PagedBatch, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (1, Hkv, T, D) → this layer's pool slots ``batch.write_slots``."""
+        if batch.write_range is not None:
+            a, b = batch.write_range, batch.write_range + k.shape[2]
+            pool.k[self.index, :, a:b] = k[0]
+            pool.v[self.index, :, a:b] = v[0]
+            return
+        pool.k[self.index].index_copy_(1, batch.write_slots, k[0])
+        pool.v[self.index].index_copy_(1, batch.write_slots, v[0])
 
 
 class Decoder(nn.Module):

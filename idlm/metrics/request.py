@@ -1,4 +1,5 @@
-"""Per-request decoding counters. Counters only; every rate is a property computed at read time."""
+"""Per-request decoding counters (``DecodeStats``). Counters only; every rate is a property computed
+at read time."""
 
 from __future__ import annotations
 
@@ -15,22 +16,26 @@ class DecodeStats:
     cold_steps: int = 0  # steps with no draft to check (after a rejection)
     all_accept_steps: int = 0  # verify steps where every draft was accepted
     rejects: int = 0  # verify steps that rejected a draft
+    proposed_at: list[int] = field(default_factory=list)  # [j]: drafts at position j in a verified window
     tested_at: list[int] = field(default_factory=list)  # [j]: drafts at position j that were checked
     accepted_at: list[int] = field(default_factory=list)  # [j]: drafts at position j that were accepted
+    preemptions: int = 0  # times the engine freed this request's KV to make room (recomputed later)
     seconds: float = 0.0  # wall time of the decode (prefill included)
 
     def __post_init__(self) -> None:
         n = max(self.stride - 1, 0)
-        if not self.tested_at:
-            self.tested_at = [0] * n
-        if not self.accepted_at:
-            self.accepted_at = [0] * n
+        for name in ("proposed_at", "tested_at", "accepted_at"):
+            if not getattr(self, name):
+                setattr(self, name, [0] * n)
 
     def record_verify(self, n_specs: int, n_accepted: int) -> None:
+        """One step that checked ``n_specs`` drafts left to right and accepted ``n_accepted``."""
         if n_specs == 0:
             self.cold_steps += 1
             return
         self.verify_steps += 1
+        for j in range(n_specs):
+            self.proposed_at[j] += 1
         tested = min(n_specs, n_accepted + 1)
         for j in range(tested):
             self.tested_at[j] += 1

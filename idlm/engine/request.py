@@ -1,0 +1,101 @@
+"""A request inside the engine (token ids only) and what the engine reports about it.
+
+A request's committed text is ``prompt + output[:-1]``: the last output token (ISD's pending token)
+is emitted before its K/V exists. ``num_computed`` counts the committed tokens whose K/V is in the
+pool; it is *set* after every forward from what that forward verified, never incremented.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import DecodeConfig, SamplingParams
+from ..decode import ISDState, KeyedNoise, Stopper
+from ..metrics import DecodeStats
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued (new, or preempted and waiting to recompute)
+    RUNNING = "running"  # holds KV blocks: prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of one emitted token under the model (raw logits, before temperature)."""
+
+    token_id: int  # the emitted token
+    logprob: float  # its log-probability
+    top: tuple[tuple[int, float], ...]  # the most likely alternatives: (token id, log-probability)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one engine step did for one request."""
+
+    request_id: str
+    new_token_ids: list[int]  # tokens committed this step (in order; none after a stop)
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS / stop id), "length" (max tokens), "abort"; None while running
+    num_prompt_tokens: int
+    num_output_tokens: int  # output tokens so far, new ones included
+    logprobs: list[TokenLogprob] | None = None  # one per new token when the request asked for them
+    stats: DecodeStats | None = None  # the request's counters (set when it finishes)
+
+
+@dataclass
+class Completion:
+    """A finished request, as ``LLMEngine.generate`` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str
+    stats: DecodeStats
+    logprobs: list[TokenLogprob] | None = None
+    latency_s: float = 0.0  # from add_request to the last token
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    decode: DecodeConfig
+    arrival: int  # order of arrival: the newest running request is preempted first
+    gen: torch.Generator  # exact / reference sampling randomness (consumed in order)
+    noise: KeyedNoise | None  # coupled sampling randomness (keyed by output index)
+    stopper: Stopper  # output tokens and the stop rule
+    stats: DecodeStats
+    status: Status = Status.WAITING
+    num_computed: int = 0  # committed tokens whose K/V is in the pool
+    state: ISDState | None = None  # pending token and drafts; None until the first token exists
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    times: dict[str, float] = field(default_factory=lambda: {"added": time.perf_counter()})
+
+    @property
+    def output(self) -> list[int]:
+        return self.stopper.tokens
+
+    @property
+    def committed_len(self) -> int:
+        """Tokens that must have K/V before the next decode step: the prompt, plus every output
+        token except the pending (last) one."""
+        return len(self.prompt) + max(0, len(self.output) - 1)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.committed_len
+
+    def committed_tokens(self, start: int, end: int) -> list[int]:
+        """Ids of committed text positions [start, end) (prompt, then output)."""
+        p = len(self.prompt)
+        if end <= p:
+            return self.prompt[start:end]
+        return self.prompt[start:] + self.output[max(0, start - p): end - p] if start < p else \
+            self.output[start - p: end - p]

@@ -1,0 +1,109 @@
+"""Model runner: a scheduled step → one flat ragged batch → the model → the logit rows each item reads.
+
+Layout of a step (T tokens in all):
+
+* ids / positions / gate: every item's tokens back to back (decode windows first, then prompt chunks);
+  positions are explicit (``start + offsets``; fallback branches repeat positions);
+* write slots: the pool slot of every token, from the request's block table, in window order;
+* attention groups: all decode windows attend together (padded to the longest window and key range);
+  each prompt chunk is its own group (so a 500-token chunk does not pad 16 windows to 500 rows).
+  A group of one request whose blocks are consecutive reads its keys as a slice of the pool;
+* the R-ISD gate is 1 on draft MASK rows only, whichever request they belong to.
+
+Row-stable kernels (``idlm.model.attention``, ``row_stable_linear``) make every row's numbers the same
+as in the batch-1 decoder, whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..model.attention import padded_keys, prefix_window_bias
+from ..model.decoder import AttnGroup, Decoder, PagedBatch, PagedKV
+from .block_manager import NULL_BLOCK, BlockManager
+from .scheduler import ScheduledItem
+
+
+@dataclass
+class StepLogits:
+    """The logits each item reads, in item order."""
+
+    rows: list[torch.Tensor]  # item i: (read_rows_i, V) fp32 (empty for a prompt chunk that samples nothing)
+    prepare_s: float  # building the batch tensors
+    forward_s: float  # model forward + logits
+    num_rows: int  # tokens in the forward
+
+
+class ModelRunner:
+    def __init__(self, model: Decoder, pool: PagedKV, blocks: BlockManager):
+        self.model, self.pool, self.blocks = model, pool, blocks
+        self.bs = blocks.block_size
+        self.total_slots = pool.k.shape[2]
+        self.gated = model.has_adapters
+
+    @torch.inference_mode()
+    def run(self, items: list[ScheduledItem]) -> StepLogits:
+        t0 = time.perf_counter()
+        ids, pos, gate, write, bases = [], [], [], [], []
+        for it in items:
+            bases.append(len(ids))
+            ids += it.ids
+            pos += it.positions
+            write += self._slots(it.request.id, it.start, it.start + len(it.ids))
+            if self.gated:
+                gate += it.window.gate().tolist() if it.window is not None else [0.0] * len(it.ids)
+        decode = [i for i, it in enumerate(items) if it.window is not None]
+        groups = [self._group([items[i] for i in decode], [bases[i] for i in decode], len(ids))] if decode else []
+        groups += [self._group([it], [b], len(ids)) for it, b in zip(items, bases) if it.window is None]
+        contiguous = write == list(range(write[0], write[0] + len(write)))
+        batch = PagedBatch(torch.tensor(write), groups, write[0] if contiguous else None)
+        read = [b + r for it, b in zip(items, bases) for r in it.read_rows]
+        gate_t = torch.tensor(gate) if self.gated and any(gate) else None
+        t1 = time.perf_counter()
+        hidden = self.model.hidden_paged(torch.tensor(ids), torch.tensor(pos), self.pool, batch, gate_t)
+        logits = self.model.logits(hidden[torch.tensor(read)]) if read else hidden.new_empty(0, 0)
+        t2 = time.perf_counter()
+        out, k = [], 0
+        for it in items:
+            n = len(it.read_rows)
+            out.append(logits[k: k + n])
+            k += n
+        return StepLogits(out, t1 - t0, t2 - t1, len(ids))
+
+    def _slots(self, seq: str, start: int, end: int) -> list[int]:
+        table, bs = self.blocks.table(seq), self.bs
+        return [table[i // bs] * bs + i % bs for i in range(start, end)]
+
+    def _group(self, items: list[ScheduledItem], bases: list[int], total: int) -> AttnGroup:
+        """Items that attend together: rows (R, T), the visibility bias (R, T, S) and the key slots."""
+        r = len(items)
+        lens = [len(it.ids) for it in items]
+        t = max(lens)
+        s = padded_keys(max(it.start + n for it, n in zip(items, lens)))
+        rows = torch.tensor([[b + min(i, n - 1) for i in range(t)] for b, n in zip(bases, lens)])
+        win = torch.zeros(r, t, t, dtype=torch.bool)
+        for k, (it, n) in enumerate(zip(items, lens)):
+            mask = it.window.mask if it.window is not None else None
+            win[k, :n, :n] = mask if mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
+            win[k, n:, 0] = True  # padding rows see one key (their output is dropped)
+        bias = prefix_window_bias(torch.tensor([it.start for it in items]), win, s)
+        src = torch.tensor([k * t + i for k, n in enumerate(lens) for i in range(n)])
+        dst = torch.tensor([b + i for b, n in zip(bases, lens) for i in range(n)])
+        dense = r * t == total and bases == [k * t for k in range(r)] and all(n == t for n in lens)
+        if r == 1:
+            table = self.blocks.table(items[0].request.id)
+            first = table[0] * self.bs
+            if table == list(range(table[0], table[0] + len(table))) and first + s <= self.total_slots:
+                return AttnGroup(rows, bias, src, dst, key_range=first, dense=dense)
+        return AttnGroup(rows, bias, src, dst, key_slots=self._key_slots(items, s), dense=dense)
+
+    def _key_slots(self, items: list[ScheduledItem], s: int) -> torch.Tensor:
+        """(R, S) pool slot of key k of each request; keys past its table read the null block."""
+        width = -(-s // self.bs)
+        tables = [self.blocks.table(it.request.id)[:width] for it in items]
+        tab = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in tables])  # (R, width)
+        k = torch.arange(s)
+        return tab[:, k // self.bs] * self.bs + k % self.bs

@@ -1,0 +1,152 @@
+"""``--stride auto``: choose N for each step from the batch, so ISD is never slower than AR.
+
+A wider window is nearly free while the forward is memory-bound (a few rows) and costs its full
+share once the batch is compute-bound (many rows): on this CPU 9 rows cost ~1.06x one row, 144 rows
+~5x. So the best N falls with the load. Each step, for the requests that asked for ``auto``, this
+picks the (N, fallback) that maximises
+
+    expected tokens this forward / predicted time of this forward
+
+where the expected tokens of a request at stride N come from its measured draft acceptance (by
+draft position, shrunk towards the engine-wide rate), in steady state (spec §3.8), and the time
+comes from ``CostModel``: forward time by rows, measured on this machine. N = 1 is a plain AR step,
+so the choice can always fall back to AR. Greedy output never depends on N; coupled sampling's
+neither (its randomness is keyed by output index).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AUTO_MAX_STRIDE
+from ..metrics import EngineMetrics
+from .request import Request
+
+PRIOR_ACCEPT = 0.5  # acceptance assumed for a draft position never measured
+PRIOR_WEIGHT = 8.0  # pseudo-counts of that prior (engine-wide) / of the engine-wide rate (per request)
+CALIBRATION_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
+
+
+@dataclass
+class CostModel:
+    """Forward time (s) by the number of rows, and the extra time per gated (R-ISD adapter) row,
+    linearly interpolated between measured points (and extrapolated past the last one)."""
+
+    rows: list[int]  # measured row counts, increasing
+    seconds: list[float]  # forward + logits time at each
+    gated_per_row: float = 0.0  # extra seconds per gated row
+
+    def __call__(self, rows: int, gated: int = 0) -> float:
+        i = bisect.bisect_left(self.rows, rows)
+        if i < len(self.rows) and self.rows[i] == rows:
+            base = self.seconds[i]
+        else:
+            i = min(max(i, 1), len(self.rows) - 1)
+            r0, r1, s0, s1 = self.rows[i - 1], self.rows[i], self.seconds[i - 1], self.seconds[i]
+            base = s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
+        return base + gated * self.gated_per_row
+
+    @classmethod
+    def measure(cls, model, prefix: int = 256, reps: int = 3, rows: tuple[int, ...] = CALIBRATION_ROWS) -> CostModel:
+        """Time forwards of k new rows over a ``prefix``-token cache, each k, interleaved, median of
+        ``reps``; and the same with every row gated when the model has adapters."""
+        vocab = model.cfg.vocab_size
+        gen = torch.Generator().manual_seed(0)
+        cache = model.new_cache(capacity=prefix + max(rows) + 256)
+        gated = model.has_adapters
+        times: dict[tuple[int, bool], list[float]] = {}
+        with torch.inference_mode():
+            model.hidden(torch.randint(0, vocab, (prefix,), generator=gen), torch.arange(prefix), cache)
+            for rep in range(reps + 1):
+                for k in rows:
+                    for g in ((False, True) if gated and k in (16, 64) else (False,)):
+                        ids = torch.randint(0, vocab, (k,), generator=gen)
+                        t = time.perf_counter()
+                        model.logits(model.hidden(ids, prefix + torch.arange(k), cache,
+                                                  gate=torch.ones(k) if g else None))
+                        dt = time.perf_counter() - t
+                        cache.crop(prefix)
+                        if rep:  # the first round warms up
+                            times.setdefault((k, g), []).append(dt)
+        med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+        per_gated = 0.0
+        if gated:
+            per_gated = max(0.0, sum((med[(k, True)] - med[(k, False)]) / k for k in (16, 64)) / 2)
+        return cls(list(rows), [med[(k, False)] for k in rows], per_gated)
+
+
+def expected_tokens(accept: list[float], n: int, fallback: bool) -> float:
+    """Steady-state tokens per forward at stride n given P(draft j accepted | checked) (spec §3.8).
+    With fallback drafts every step verifies; without, a rejection costs a cold step."""
+    if n <= 1:
+        return 1.0
+    prefix, e_acc = 1.0, 0.0
+    for j in range(n - 1):
+        prefix *= accept[j] if j < len(accept) else PRIOR_ACCEPT
+        e_acc += prefix
+    if fallback:
+        return 1.0 + e_acc
+    a = prefix  # all accepted
+    if a >= 1.0:
+        return float(n)
+    e_rej = (e_acc - a * (n - 1)) / (1 - a)  # accepted drafts in a rejecting round
+    return (a * n + (1 - a) * (e_rej + 2)) / (a + 2 * (1 - a))
+
+
+def window_rows(n: int, fallback: bool) -> tuple[int, int]:
+    """(rows, gated rows) of a steady-state verify window at stride n."""
+    d = n - 1
+    branches = d * d if fallback else 0
+    return 2 * n - 1 + branches, d + branches
+
+
+class AutoStride:
+    """The scheduler's ``StridePolicy`` for ``--stride auto``."""
+
+    def __init__(self, model, metrics: EngineMetrics, max_stride: int = AUTO_MAX_STRIDE,
+                 cost: CostModel | None = None):
+        self.model, self.metrics, self.max_stride, self._cost = model, metrics, max_stride, cost
+        self.chosen: Counter = Counter()  # (N, fallback) -> steps that chose it
+
+    @property
+    def cost(self) -> CostModel:
+        if self._cost is None:
+            self._cost = CostModel.measure(self.model)
+        return self._cost
+
+    def acceptance(self, req: Request) -> list[float]:
+        """Per draft position: the request's own rate shrunk towards the engine-wide one."""
+        m, s = self.metrics, req.stats
+        out = []
+        for j in range(self.max_stride - 1):
+            glob = (m.accepted_at[j] + PRIOR_WEIGHT * PRIOR_ACCEPT) / (m.tested_at[j] + PRIOR_WEIGHT)
+            mine_a = s.accepted_at[j] if j < len(s.accepted_at) else 0
+            mine_t = s.tested_at[j] if j < len(s.tested_at) else 0
+            out.append((mine_a + PRIOR_WEIGHT * glob) / (mine_t + PRIOR_WEIGHT))
+        return out
+
+    def choose(self, requests: list[Request], other_rows: int) -> dict[str, tuple[int, bool]]:
+        """One (N, fallback) for every auto request this step; ``other_rows`` are the rows the rest of
+        the batch brings (prompt chunks, fixed-stride windows). Returns (N - 1, fallback) by id."""
+        gated = self.model.has_adapters
+        accepts = [self.acceptance(r) for r in requests]
+        best, best_rate = (1, False), 0.0
+        for n in range(1, self.max_stride + 1):
+            for fb in ((False, True) if n > 1 else (False,)):
+                tokens, rows, g = 0.0, other_rows, 0
+                for a, r in zip(accepts, requests):
+                    use_fb = fb and r.decode.fallback
+                    tokens += expected_tokens(a, n, use_fb)
+                    w, wg = window_rows(n, use_fb)
+                    rows, g = rows + w, g + wg
+                rate = tokens / self.cost(rows, g if gated else 0)
+                if rate > best_rate:
+                    best, best_rate = (n, fb), rate
+        self.chosen[best] += 1
+        n, fb = best
+        return {r.id: (n - 1, fb and r.decode.fallback) for r in requests}
