@@ -66,13 +66,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 FALLBACK_HELP = ("fallback drafts: each window also drafts for every possible rejection, so a rejected draft "
-                 "costs no cold step (output unchanged; default on)")
+                 "costs no cold step; auto (default) = the engine adds them only while they pay for their rows "
+                 "(the batch-1 decoders: always). Never changes the output")
 
 
-def _add_fallback_arg(p: argparse.ArgumentParser, both: bool = False) -> None:
-    choices = ("on", "off", "both") if both else ("on", "off")
-    extra = "; both = bench ISD with and without" if both else ""
-    p.add_argument("--fallback", choices=choices, default="on", help=FALLBACK_HELP + extra)
+def _add_fallback_arg(p: argparse.ArgumentParser, several: bool = False) -> None:
+    if several:
+        p.add_argument("--fallback", default="auto", help=FALLBACK_HELP + "; a comma list such as auto,on,off "
+                       "benches each")
+    else:
+        p.add_argument("--fallback", choices=("auto", "on", "off"), default="auto", help=FALLBACK_HELP)
 
 
 def _add_dataclass_args(p: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = ()) -> None:
@@ -142,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-file", default=None, help="prompts file (one per line or JSONL with 'prompt')")
     b.add_argument("--max-new-tokens", type=int, default=256, help="tokens per prompt (default 256)")
     b.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    b.add_argument("--repeats", type=int, default=1, help="run every configuration this many times, round-robin, "
+                   "and report the median run (default 1; 3 evens out a noisy machine)")
     b.add_argument("--pad-windows", action="store_true", help="pad windows to their largest size")
-    _add_fallback_arg(b, both=True)
+    _add_fallback_arg(b, several=True)
     b.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     _add_engine_args(b)
     _add_model_args(b, "bf16")

@@ -36,9 +36,19 @@ def _sampling(args: argparse.Namespace, **over) -> SamplingParams:
     return SamplingParams(**kw)
 
 
-def _decode_cfg(args: argparse.Namespace, stride: int, mode: str = "isd", fallback: bool | None = None) -> DecodeConfig:
+FALLBACKS = {"on": True, "off": False, "auto": "auto"}
+
+
+def _fallback(text: str) -> bool | str:
+    if text not in FALLBACKS:
+        raise ConfigError(f"--fallback takes on, off or auto, got {text!r}", "fallback")
+    return FALLBACKS[text]
+
+
+def _decode_cfg(args: argparse.Namespace, stride: int | str, mode: str = "isd",
+                fallback: bool | str | None = None) -> DecodeConfig:
     if fallback is None:
-        fallback = getattr(args, "fallback", "on") != "off"
+        fallback = _fallback(getattr(args, "fallback", "auto"))
     return DecodeConfig(mode=mode, stride=stride, pad_windows=getattr(args, "pad_windows", False),
                         sampling_mode=getattr(args, "sampling_mode", "exact"), fallback=fallback)
 
@@ -148,13 +158,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ConfigError(f"--modes takes a comma list of {', '.join(MODES)}; got {args.modes!r}")
-    if args.prompts < 1:
-        raise ConfigError("--prompts must be >= 1")
+    if args.prompts < 1 or args.repeats < 1:
+        raise ConfigError("--prompts and --repeats must be >= 1")
     strides = _list(args.stride, "--stride", _parse_stride)
     concurrency = _list(args.concurrency, "--concurrency")
     if min(concurrency) < 1:
         raise ConfigError("--concurrency values must be >= 1")
-    fallbacks = {"on": [True], "off": [False], "both": [False, True]}[args.fallback]
+    fallbacks = [_fallback(f) for f in _list(args.fallback, "--fallback", str)]
     cfgs = [_decode_cfg(args, n, fallback=f) for n in strides for f in fallbacks]  # validates each stride
     if "isd-b1" in modes and any(c.auto for c in cfgs):
         raise ConfigError("--stride auto needs the engine (mode isd), not isd-b1")
@@ -179,43 +189,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ecfg = EngineConfig(max_batched_tokens=args.max_batched_tokens, kv_cache_gb=args.kv_cache_gb)
     oracle = run_batch1(lm, prompts, DecodeConfig(mode="ar", sampling_mode=cfgs[0].sampling_mode), params,
                         desc="oracle: batch-1 AR")
-    results = []
+    runs = []  # (label, thunk): every configuration, run `--repeats` times round-robin
     for c in concurrency:
         for m in modes:
             if m == "ar":
-                results.append(run_engine(lm, prompts, DecodeConfig(mode="ar"), params, c, ecfg, cost, f"ar C={c}"))
+                runs.append(lambda c=c: run_engine(lm, prompts, DecodeConfig(mode="ar"), params, c, ecfg, cost, f"ar C={c}"))
             elif m == "isd":
-                results += [run_engine(lm, prompts, d, params, c, ecfg, cost, f"isd N={d.stride} C={c}") for d in cfgs]
-            elif c == concurrency[0]:  # one-at-a-time references: once
+                runs += [lambda c=c, d=d: run_engine(lm, prompts, d, params, c, ecfg, cost, f"isd N={d.stride} C={c}")
+                         for d in cfgs]
+            elif c == concurrency[0]:  # one-at-a-time references: once per repeat
                 if m == "ar-b1":
-                    results.append(oracle)
+                    runs.append(lambda: run_batch1(lm, prompts, DecodeConfig(mode="ar"), params, "ar-b1"))
                 elif m == "isd-b1":
-                    results += [run_batch1(lm, prompts, d, params, f"isd-b1 N={d.stride}") for d in cfgs]
+                    runs += [lambda d=d: run_batch1(lm, prompts, d, params, f"isd-b1 N={d.stride}") for d in cfgs]
                 else:
-                    results.append(run_hf(lm, prompts, params, DTYPES[args.dtype]))
+                    runs.append(lambda: run_hf(lm, prompts, params, DTYPES[args.dtype]))
+    trials = [[] for _ in runs]
+    for _ in range(args.repeats):
+        for k, run in enumerate(runs):
+            trials[k].append(run())
+    results = [sorted(t, key=lambda r: r.total_tokens_per_s)[len(t) // 2] for t in trials]  # the median run
     for r in results:
         r.identical = round(sum(a == b for a, b in zip(oracle.outputs, r.outputs)) / len(prompts), 4)
     _print_bench(results, prompts, params, args)
     print(json.dumps({"prompts": len(prompts), "max_new_tokens": params.max_new_tokens, "dtype": args.dtype,
+                      "repeats": args.repeats,
                       "threads": torch.get_num_threads(), "results": [r.to_json() for r in results]}))
     return 0
 
 
 def _print_bench(results, prompts, params, args) -> None:
     print(f"{len(prompts)} prompts, max {params.max_new_tokens} new tokens, dtype {args.dtype}, "
-          f"{torch.get_num_threads()} threads; 'vs AR' = total tok/s / engine AR at the same concurrency")
-    print(f"{'mode':<7}{'N':>5}{'fb':>4}{'C':>4}{'tokens':>8}{'TPF':>6}{'total/s':>9}{'req/s':>8}{'p50 s':>7}"
+          f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin run(s); "
+          f"'vs AR' = total tok/s / engine AR at the same concurrency")
+    print(f"{'mode':<7}{'N':>5}{'fb':>5}{'C':>4}{'tokens':>8}{'TPF':>6}{'total/s':>9}{'req/s':>8}{'p50 s':>7}"
           f"{'p90 s':>7}{'vs AR':>7}{'same':>6}{'ovh':>6}  acceptance / auto N")
     ar = {r.concurrency: r for r in results if r.mode == "ar"}
     for r in results:
         base = ar.get(r.concurrency)
         rel = f"{r.total_tokens_per_s / base.total_tokens_per_s:.2f}x" if base and base.total_tokens_per_s else "-"
-        fb = ("on" if r.fallback else "off") if r.mode.startswith("isd") else "-"
+        fb = {True: "on", False: "off", "auto": "auto"}[r.fallback] if r.mode.startswith("isd") else "-"
         ovh = f"{r.overhead_ratio:.2f}" if r.overhead_ratio is not None else "-"
         extra = " ".join(f"{a:.2f}" for a in r.acceptance_at()) if r.mode.startswith("isd") else ""
         if r.strides_chosen:
-            extra += "  N: " + ", ".join(f"{k}:{v}" for k, v in sorted(r.strides_chosen.items()))
-        print(f"{r.mode:<7}{r.stride!s:>5}{fb:>4}{r.concurrency:>4}{r.tokens:>8}{r.tpf:>6.2f}"
+            extra += "  chose " + ", ".join(f"{k}:{v}" for k, v in sorted(r.strides_chosen.items()))
+        print(f"{r.mode:<7}{r.stride!s:>5}{fb:>5}{r.concurrency:>4}{r.tokens:>8}{r.tpf:>6.2f}"
               f"{r.total_tokens_per_s:>9.1f}{r.per_request_tokens_per_s:>8.1f}{r.latency(0.5):>7.2f}"
               f"{r.latency(0.9):>7.2f}{rel:>7}{r.identical!s:>6}{ovh:>6}  {extra}")
 

@@ -80,7 +80,8 @@ class DecodeConfig:
     mode: str = "isd"  # --mode: isd (introspective strided decoding) or ar (one token per forward)
     stride: int | str = 3  # --stride: N = tokens a forward can commit (1 anchor + N-1 drafts), 2..8, or auto
     pad_windows: bool = False  # --pad-windows: pad every window to its largest size like the GPU reference
-    fallback: bool = True  # --fallback/--no-fallback: also draft for each possible rejection, so none costs a cold step
+    fallback: bool | str = AUTO  # --fallback on|off|auto: also draft for each possible rejection, so none costs a
+    # cold step; auto = the engine decides each step from the load (batch-1 decoders: on). Never changes the output.
     sampling_mode: str = "exact"  # --sampling-mode: exact | coupled (both distribution-preserving) | reference
     mask_token_id: int | None = None  # MASK input id; None = the model's own
 
@@ -90,6 +91,8 @@ class DecodeConfig:
         if self.stride != AUTO and (not _is_int(self.stride) or not MIN_STRIDE <= self.stride <= MAX_STRIDE):
             raise ConfigError(f"--stride must be an integer in {MIN_STRIDE}..{MAX_STRIDE} or 'auto', "
                               f"got {self.stride!r}", "stride")
+        if self.fallback not in (True, False, AUTO):
+            raise ConfigError(f"--fallback must be on, off or auto, got {self.fallback!r}", "fallback")
         if self.sampling_mode not in SAMPLING_MODES:
             raise ConfigError(f"--sampling-mode must be one of {SAMPLING_MODES}, got {self.sampling_mode!r}",
                               "sampling_mode")
@@ -98,6 +101,16 @@ class DecodeConfig:
     def auto(self) -> bool:
         """N is chosen per step by the engine from the load (``--stride auto``)."""
         return self.stride == AUTO
+
+    @property
+    def may_fallback(self) -> bool:
+        """Fallback branches allowed (on, or auto: the batch-1 decoders then always use them)."""
+        return self.fallback is not False
+
+    @property
+    def adaptive(self) -> bool:
+        """The engine chooses this request's window each step (auto stride or auto fallback)."""
+        return self.mode == "isd" and (self.auto or self.fallback == AUTO)
 
     @property
     def max_stride(self) -> int:
@@ -114,4 +127,4 @@ class DecodeConfig:
     def window(self) -> int:
         """The largest window: pending + N-1 specs + N-1 MASKs (2N - 1), plus N-1 fallback MASKs for
         each of the N-1 specs that could be rejected when ``fallback`` is on."""
-        return 2 * self.max_stride - 1 + (self.n_drafts ** 2 if self.fallback else 0)
+        return 2 * self.max_stride - 1 + (self.n_drafts ** 2 if self.may_fallback else 0)

@@ -55,6 +55,12 @@ class ISDState:
     specs: list[int] = field(default_factory=list)  # drafts proposed by the previous forward
     spec_q: torch.Tensor | None = None  # (len(specs), V) draft distributions q (exact/reference sampling)
 
+    def truncated(self, n: int) -> ISDState:
+        """The state with only its first n specs (a step at a smaller stride verifies fewer drafts)."""
+        if n >= len(self.specs):
+            return self
+        return ISDState(self.pending, self.specs[:n], None if self.spec_q is None else self.spec_q[:n])
+
 
 @dataclass(frozen=True)
 class StepResult:
@@ -271,7 +277,7 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
 
     # 2. Steps: extend by a window, keep 1 + accepted, emit accepted + clean/correction.
     while not done:
-        win = build_window(state, n_drafts, cfg.fallback, mask, cfg.window if cfg.pad_windows else 0)
+        win = build_window(state, n_drafts, cfg.may_fallback, mask, cfg.window if cfg.pad_windows else 0)
         start = cache.length
         hidden = model.hidden(torch.tensor(win.ids), start + torch.tensor(win.offsets), cache,
                               gate=win.gate() if gated else None, window_mask=win.mask)[0]

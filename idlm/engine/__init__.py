@@ -10,7 +10,19 @@ from .block_manager import BlockManager, OutOfBlocks
 from .engine import EngineConfig, LLMEngine
 from .request import Completion, RequestOutput, TokenLogprob
 from .scheduler import SchedulerConfig
-from .stride import AutoStride, CostModel
+from .stride import CostModel, WindowPolicy
 
-__all__ = ["AsyncEngine", "AutoStride", "BlockManager", "Completion", "CostModel", "EngineConfig", "EngineDeadError", "LLMEngine", "OutOfBlocks",
-           "RequestOutput", "SchedulerConfig", "TokenLogprob"]
+__all__ = [
+           "AsyncEngine",
+           "BlockManager",
+           "Completion",
+           "CostModel",
+           "EngineConfig",
+           "EngineDeadError",
+           "LLMEngine",
+           "OutOfBlocks",
+           "RequestOutput",
+           "SchedulerConfig",
+           "TokenLogprob",
+           "WindowPolicy",
+]

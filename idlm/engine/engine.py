@@ -32,13 +32,14 @@ from ..config import ConfigError, DecodeConfig, SamplingParams
 from ..decode import ISDState, isd_step, pick, randomness
 from ..decode.isd import Stopper
 from ..metrics import DecodeStats, EngineMetrics
+from ..model.attention import KEY_BLOCK
 from ..model.decoder import Decoder
 from .block_manager import BlockManager
 from .kv_pool import new_pool, num_blocks_for
 from .request import Completion, Request, RequestOutput, Status, TokenLogprob
 from .runner import ModelRunner
 from .scheduler import ScheduledItem, Scheduler, SchedulerConfig
-from .stride import AutoStride, CostModel
+from .stride import CostModel, WindowPolicy
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}", name)
+        if KEY_BLOCK % self.block_size:
+            raise ConfigError(f"--block-size must divide {KEY_BLOCK}, got {self.block_size}", "block_size")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ConfigError(f"num_blocks must be >= 2, got {self.num_blocks}", "num_blocks")
 
@@ -69,7 +72,7 @@ class LLMEngine:
         self.blocks = BlockManager(n_blocks, config.block_size)
         self.pool = new_pool(cfg, model.dtype, n_blocks, config.block_size, model.embed.weight.device)
         self.metrics = EngineMetrics(kv_blocks_total=self.blocks.num_total)
-        self.stride_policy = AutoStride(model, self.metrics, cost=cost)
+        self.stride_policy = WindowPolicy(model, self.metrics, cost=cost)
         sched = SchedulerConfig(config.max_running, config.max_batched_tokens)
         self.scheduler = Scheduler(sched, self.blocks, cfg.mask_token_id, self.stride_policy)
         self.runner = ModelRunner(model, self.pool, self.blocks)
@@ -184,7 +187,8 @@ class LLMEngine:
             return self._emit(req, [tok], logits)
         win = item.window
         main, fallback = win.split(logits)
-        step = isd_step(main, req.state, win.n_drafts, req.params, req.decode.sampling_mode, req.gen, fallback,
+        state = req.state.truncated(win.n_specs)  # a smaller stride than the drafting one drops specs
+        step = isd_step(main, state, win.n_drafts, req.params, req.decode.sampling_mode, req.gen, fallback,
                         req.noise, len(req.output))
         if req.decode.mode == "isd":
             req.stats.record_verify(win.n_specs, step.verdict.accepted)

@@ -56,12 +56,14 @@ class ModelRunner:
             if self.gated:
                 gate += it.window.gate().tolist() if it.window is not None else [0.0] * len(it.ids)
         decode = [i for i, it in enumerate(items) if it.window is not None]
-        groups = [self._group([items[i] for i in decode], [bases[i] for i in decode], len(ids))] if decode else []
-        groups += [self._group([it], [b], len(ids)) for it, b in zip(items, bases) if it.window is None]
+        groups = [self._group([items[i] for i in decode], [bases[i] for i in decode])] if decode else []
+        groups += [self._group([it], [b]) for it, b in zip(items, bases) if it.window is None]
         contiguous = write == list(range(write[0], write[0] + len(write)))
-        batch = PagedBatch(torch.tensor(write), groups, write[0] if contiguous else None)
+        batch = PagedBatch(torch.tensor(write), groups, write[0] if contiguous else None, self.bs)
         read = [b + r for it, b in zip(items, bases) for r in it.read_rows]
-        gate_t = torch.tensor(gate) if self.gated and any(gate) else None
+        pad = bucket(len(ids)) - len(ids)  # padding rows: bounded matmul shapes, so kernels are reused
+        ids, pos = ids + [0] * pad, pos + [0] * pad
+        gate_t = torch.tensor(gate + [0.0] * pad) if self.gated and any(gate) else None
         t1 = time.perf_counter()
         hidden = self.model.hidden_paged(torch.tensor(ids), torch.tensor(pos), self.pool, batch, gate_t)
         logits = self.model.logits(hidden[torch.tensor(read)]) if read else hidden.new_empty(0, 0)
@@ -73,11 +75,12 @@ class ModelRunner:
             k += n
         return StepLogits(out, t1 - t0, t2 - t1, len(ids))
 
+
     def _slots(self, seq: str, start: int, end: int) -> list[int]:
         table, bs = self.blocks.table(seq), self.bs
         return [table[i // bs] * bs + i % bs for i in range(start, end)]
 
-    def _group(self, items: list[ScheduledItem], bases: list[int], total: int) -> AttnGroup:
+    def _group(self, items: list[ScheduledItem], bases: list[int]) -> AttnGroup:
         """Items that attend together: rows (R, T), the visibility bias (R, T, S) and the key slots."""
         r = len(items)
         lens = [len(it.ids) for it in items]
@@ -92,18 +95,28 @@ class ModelRunner:
         bias = prefix_window_bias(torch.tensor([it.start for it in items]), win, s)
         src = torch.tensor([k * t + i for k, n in enumerate(lens) for i in range(n)])
         dst = torch.tensor([b + i for b, n in zip(bases, lens) for i in range(n)])
-        dense = r * t == total and bases == [k * t for k in range(r)] and all(n == t for n in lens)
+        dense = bases == [k * t for k in range(r)] and all(n == t for n in lens)
         if r == 1:
             table = self.blocks.table(items[0].request.id)
             first = table[0] * self.bs
             if table == list(range(table[0], table[0] + len(table))) and first + s <= self.total_slots:
                 return AttnGroup(rows, bias, src, dst, key_range=first, dense=dense)
-        return AttnGroup(rows, bias, src, dst, key_slots=self._key_slots(items, s), dense=dense)
+        return AttnGroup(rows, bias, src, dst, key_blocks=self._key_blocks(items, s), dense=dense)
 
-    def _key_slots(self, items: list[ScheduledItem], s: int) -> torch.Tensor:
-        """(R, S) pool slot of key k of each request; keys past its table read the null block."""
-        width = -(-s // self.bs)
+    def _key_blocks(self, items: list[ScheduledItem], s: int) -> torch.Tensor:
+        """(R, S / block_size) pool block of each run of keys; past a table: the null block."""
+        width = s // self.bs
         tables = [self.blocks.table(it.request.id)[:width] for it in items]
-        tab = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in tables])  # (R, width)
-        k = torch.arange(s)
-        return tab[:, k // self.bs] * self.bs + k % self.bs
+        return torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in tables])
+
+
+def bucket(n: int) -> int:
+    """Row count of a batch of n tokens, rounded up so that few distinct matmul shapes occur: oneDNN
+    compiles a kernel for every new shape (~1 ms each) and the engine's batch size changes every
+    step. Exact up to 16 (single requests repeat their few shapes), then multiples of 8, then of 32."""
+    import os
+    if n <= 16 or os.environ.get("NOBUCKET"):
+        return n
+    if n <= 128:
+        return -(-n // 8) * 8
+    return -(-n // 32) * 32

@@ -69,7 +69,7 @@ class SchedulerOutput:
 
 class StridePolicy(Protocol):
     def choose(self, requests: list[Request], other_rows: int) -> dict[str, tuple[int, bool]]:
-        """(drafts N-1, fallback on?) for each ``--stride auto`` request decoding this step."""
+        """(drafts N-1, fallback on?) for each adaptive (auto stride or fallback) request decoding now."""
         ...
 
 
@@ -117,18 +117,18 @@ class Scheduler:
 
     def _decode_items(self, preempted: list[Request]) -> list[ScheduledItem]:
         decoding = [r for r in self.running if not r.prefilling]
-        auto = [r for r in decoding if r.decode.mode == "isd" and r.decode.auto]
+        adaptive = [r for r in decoding if r.decode.adaptive]
         chosen = {}
-        if auto and self.policy is not None:
+        if adaptive and self.policy is not None:
             other = sum(min(r.committed_len - r.num_computed, self.cfg.max_batched_tokens)
                         for r in self.running if r.prefilling)
-            other += sum(r.decode.window for r in decoding if r not in auto)
-            chosen = self.policy.choose(auto, other)
+            other += sum(r.decode.window for r in decoding if not r.decode.adaptive)
+            chosen = self.policy.choose(adaptive, other)
         items = []
         for req in decoding:
             if req.status is not Status.RUNNING:  # preempted while making room for an older one
                 continue
-            n_drafts, fallback = chosen.get(req.id, (req.decode.max_stride - 1, req.decode.fallback))
+            n_drafts, fallback = chosen.get(req.id, (req.decode.max_stride - 1, req.decode.may_fallback))
             pad = req.decode.window if req.decode.pad_windows and not req.decode.auto else 0
             win = build_window(req.state, n_drafts, fallback, self.mask_id, pad)
             if not self._make_room(req, req.num_computed + len(win.ids), preempted):

@@ -1,17 +1,18 @@
-"""``--stride auto``: choose N for each step from the batch, so ISD is never slower than AR.
+"""Load-adaptive windows: ``--stride auto`` and ``--fallback auto`` (the default).
 
 A wider window is nearly free while the forward is memory-bound (a few rows) and costs its full
 share once the batch is compute-bound (many rows): on this CPU 9 rows cost ~1.06x one row, 144 rows
-~5x. So the best N falls with the load. Each step, for the requests that asked for ``auto``, this
-picks the (N, fallback) that maximises
+~5x. So the best window shrinks with the load. Each step, for the decoding requests that left a
+choice to the engine, ``WindowPolicy`` picks the N (for ``--stride auto``) and whether to add
+fallback branches (for ``--fallback auto``) that maximise
 
     expected tokens this forward / predicted time of this forward
 
-where the expected tokens of a request at stride N come from its measured draft acceptance (by
-draft position, shrunk towards the engine-wide rate), in steady state (spec §3.8), and the time
-comes from ``CostModel``: forward time by rows, measured on this machine. N = 1 is a plain AR step,
-so the choice can always fall back to AR. Greedy output never depends on N; coupled sampling's
-neither (its randomness is keyed by output index).
+where the expected tokens of a request come from its measured draft acceptance (by draft position,
+shrunk towards the engine-wide rate) in steady state (spec §3.8), and the time from ``CostModel``:
+forward time by rows, measured on this machine. N = 1 is a plain AR step, so ``auto`` can always
+fall back to AR. Neither choice changes a greedy output, nor a coupled-sampling one (its randomness
+is keyed by output index).
 """
 
 from __future__ import annotations
@@ -105,13 +106,13 @@ def window_rows(n: int, fallback: bool) -> tuple[int, int]:
     return 2 * n - 1 + branches, d + branches
 
 
-class AutoStride:
-    """The scheduler's ``StridePolicy`` for ``--stride auto``."""
+class WindowPolicy:
+    """The scheduler's ``StridePolicy``: one (N, fallback) choice per step for the adaptive requests."""
 
     def __init__(self, model, metrics: EngineMetrics, max_stride: int = AUTO_MAX_STRIDE,
                  cost: CostModel | None = None):
         self.model, self.metrics, self.max_stride, self._cost = model, metrics, max_stride, cost
-        self.chosen: Counter = Counter()  # (N, fallback) -> steps that chose it
+        self.chosen: Counter = Counter()  # (N of the auto-stride requests or 0, fallback) -> steps
 
     @property
     def cost(self) -> CostModel:
@@ -131,22 +132,33 @@ class AutoStride:
         return out
 
     def choose(self, requests: list[Request], other_rows: int) -> dict[str, tuple[int, bool]]:
-        """One (N, fallback) for every auto request this step; ``other_rows`` are the rows the rest of
-        the batch brings (prompt chunks, fixed-stride windows). Returns (N - 1, fallback) by id."""
+        """(N - 1, fallback) by request id for ``requests`` (all adaptive); ``other_rows`` are the
+        rows the rest of the batch brings (prompt chunks, fixed windows)."""
         gated = self.model.has_adapters
         accepts = [self.acceptance(r) for r in requests]
-        best, best_rate = (1, False), 0.0
-        for n in range(1, self.max_stride + 1):
-            for fb in ((False, True) if n > 1 else (False,)):
+        any_auto = any(r.decode.auto for r in requests)
+        best, best_rate = (0, False), -1.0
+        for n_auto in (range(1, self.max_stride + 1) if any_auto else (0,)):
+            for fb in (False, True):
                 tokens, rows, g = 0.0, other_rows, 0
                 for a, r in zip(accepts, requests):
-                    use_fb = fb and r.decode.fallback
+                    n, use_fb = self._window(r, n_auto, fb)
                     tokens += expected_tokens(a, n, use_fb)
                     w, wg = window_rows(n, use_fb)
                     rows, g = rows + w, g + wg
                 rate = tokens / self.cost(rows, g if gated else 0)
                 if rate > best_rate:
-                    best, best_rate = (n, fb), rate
+                    best, best_rate = (n_auto, fb), rate
         self.chosen[best] += 1
-        n, fb = best
-        return {r.id: (n - 1, fb and r.decode.fallback) for r in requests}
+        out = {}
+        for r in requests:
+            n, use_fb = self._window(r, *best)
+            out[r.id] = (n - 1, use_fb)
+        return out
+
+    @staticmethod
+    def _window(req: Request, n_auto: int, fb: bool) -> tuple[int, bool]:
+        """This request's (N, fallback) under the step-wide choice (n_auto, fb)."""
+        n = n_auto if req.decode.auto else req.decode.max_stride
+        use_fb = (fb if req.decode.fallback == "auto" else bool(req.decode.fallback)) and n > 1
+        return n, use_fb

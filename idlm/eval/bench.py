@@ -31,7 +31,7 @@ MODES = ("ar", "isd", "hf", *B1_MODES)
 class RunResult:
     mode: str  # ar | isd (engine), hf, ar-b1 | isd-b1 (batch-1 decoders)
     stride: int | str  # N (1 for AR), or "auto"
-    fallback: bool  # ISD fallback drafts
+    fallback: bool | str  # ISD fallback drafts: on, off, or auto (chosen per step)
     concurrency: int  # requests in flight
     seconds: float = 0.0  # wall time of the whole run
     outputs: list[list[int]] = field(default_factory=list)  # generated ids per prompt, in prompt order
@@ -40,7 +40,7 @@ class RunResult:
     identical: float | None = None  # fraction equal to the batch-1 AR oracle
     steps: int = 0  # batched forwards (engine)
     overhead_ratio: float | None = None  # engine scheduling + bookkeeping time / forward time
-    strides_chosen: Counter = field(default_factory=Counter)  # --stride auto: steps per chosen N ("3-nofb")
+    strides_chosen: Counter = field(default_factory=Counter)  # adaptive windows: steps per choice ("N3+fb")
 
     @property
     def tokens(self) -> int:
@@ -96,7 +96,7 @@ def run_engine(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, par
                desc: str = "") -> RunResult:
     """Serve ``prompts`` through a fresh engine with at most ``concurrency`` requests in flight."""
     stride = 1 if cfg.mode == "ar" else cfg.stride
-    res = RunResult(cfg.mode, stride, cfg.mode == "isd" and cfg.fallback, concurrency)
+    res = RunResult(cfg.mode, stride, cfg.fallback if cfg.mode == "isd" else False, concurrency)
     eng = LLMEngine(lm.model, EngineConfig(**{**engine_cfg.__dict__, "max_running": concurrency}), cost=cost)
     eng.generate([prompts[0][:16]], SamplingParams(max_new_tokens=4), cfg)  # warm-up, not timed
     eng.metrics.__init__(kv_blocks_total=eng.blocks.num_total)
@@ -119,7 +119,7 @@ def run_engine(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, par
     res.seconds = time.perf_counter() - t0
     bar.close()
     res.steps, res.overhead_ratio = eng.metrics.steps, eng.metrics.overhead_ratio
-    res.strides_chosen = Counter({f"{n}{'' if fb or n == 1 else '-nofb'}": c
+    res.strides_chosen = Counter({(f"N{n}" if n else "") + ("+fb" if fb else "-fb"): c
                                   for (n, fb), c in eng.stride_policy.chosen.items()})
     return res
 
@@ -128,7 +128,7 @@ def run_batch1(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, par
                desc: str = "") -> RunResult:
     """The batch-1 reference decoders, one prompt after the other."""
     isd = cfg.mode == "isd"
-    res = RunResult("isd-b1" if isd else "ar-b1", cfg.stride if isd else 1, isd and cfg.fallback, 1)
+    res = RunResult("isd-b1" if isd else "ar-b1", cfg.stride if isd else 1, isd and cfg.may_fallback, 1)
     t0 = time.perf_counter()
     for ids in tqdm(prompts, desc=desc, leave=False):
         out = isd_generate(lm.model, ids, cfg, params) if isd else \

@@ -135,18 +135,21 @@ class AttnGroup:
     bias: torch.Tensor  # (R, T, S) fp32 additive mask; S a multiple of attention.KEY_BLOCK
     src: torch.Tensor  # (n,) which of the R*T rows are real
     dst: torch.Tensor  # (n,) their flat token index
-    key_slots: torch.Tensor | None = None  # (R, S) pool slot of every key (padding: a zero slot)
+    key_blocks: torch.Tensor | None = None  # (R, S / block_size) pool block of every run of keys (padding:
+    # the all-zero null block); the keys are gathered block by block
     key_range: int | None = None  # R == 1 and the keys are pool slots [key_range, key_range + S)
-    dense: bool = False  # rows == arange(R*T) and the group is the whole batch: no gather, no scatter
+    dense: bool = False  # rows == arange(R*T) (the batch's first R*T tokens, no padding): slices, no gather
 
 
 @dataclass
 class PagedBatch:
     """A flat ragged batch over a paged pool: where each token's K/V goes, and who attends to what."""
 
-    write_slots: torch.Tensor  # (T,) pool slot each token's K/V is written to
+    write_slots: torch.Tensor  # (n,) pool slot of each of the first n tokens' K/V; tokens past n are
+    # padding (the batch is padded to a bucketed length so matmul shapes repeat) and write nothing
     groups: list[AttnGroup]  # every real token is a row of exactly one group
     write_range: int | None = None  # the write slots are [write_range, write_range + T): a slice
+    block_size: int = 16  # slots per pool block (key_blocks index blocks of this size)
 
 
 def _cache_attention(q: torch.Tensor, cache: KVCache, layer: int, bias: torch.Tensor) -> torch.Tensor:
@@ -170,22 +173,26 @@ def _paged_attention(q: torch.Tensor, pool: PagedKV, layer: int, batch: PagedBat
     """q (1, H, T, D) of a flat batch -> (1, T, H*D) fp32: each group gathers its keys from the pool."""
     _, h, t, d = q.shape
     hkv = pool.k.shape[1]
-    out = q.new_empty(t, h * d, dtype=torch.float32)
+    out = q.new_zeros(t, h * d, dtype=torch.float32)  # padding rows (no group) attend to nothing
     kl, vl = pool.k[layer], pool.v[layer]  # (Hkv, slots, D)
     for g in batch.groups:
         r, tg = g.rows.shape
         s = g.bias.shape[2]
-        qg = q[0] if g.dense else q[0].index_select(1, g.rows.reshape(-1))
+        qg = q[0, :, : r * tg] if g.dense else q[0].index_select(1, g.rows.reshape(-1))
         qg = qg.view(hkv, h // hkv, r, tg, d).transpose(1, 2)
         if g.key_range is not None:
             k, v = kl[:, None, g.key_range: g.key_range + s], vl[:, None, g.key_range: g.key_range + s]
         else:
-            idx = g.key_slots.reshape(-1)
-            k, v = kl.index_select(1, idx).view(hkv, r, s, d), vl.index_select(1, idx).view(hkv, r, s, d)
+            idx, bs = g.key_blocks.reshape(-1), batch.block_size
+            k = kl.view(hkv, -1, bs, d).index_select(1, idx).view(hkv, r, s, d)
+            v = vl.view(hkv, -1, bs, d).index_select(1, idx).view(hkv, r, s, d)
         o = attend(qg, k, v, g.bias).permute(1, 3, 0, 2, 4).reshape(r * tg, h * d)
         if g.dense:
-            return o[None]
-        out[g.dst] = o[g.src]
+            if r * tg == t:
+                return o[None]
+            out[: r * tg] = o
+        else:
+            out[g.dst] = o[g.src]
     return out[None]
 
 
@@ -245,13 +252,14 @@ class Layer(nn.Module):
 
     def write_pool(self, pool: PagedKV, batch: PagedBatch, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (1, Hkv, T, D) → this layer's pool slots ``batch.write_slots``."""
+        n = batch.write_slots.shape[0]
         if batch.write_range is not None:
-            a, b = batch.write_range, batch.write_range + k.shape[2]
-            pool.k[self.index, :, a:b] = k[0]
-            pool.v[self.index, :, a:b] = v[0]
+            a = batch.write_range
+            pool.k[self.index, :, a:a + n] = k[0, :, :n]
+            pool.v[self.index, :, a:a + n] = v[0, :, :n]
             return
-        pool.k[self.index].index_copy_(1, batch.write_slots, k[0])
-        pool.v[self.index].index_copy_(1, batch.write_slots, v[0])
+        pool.k[self.index].index_copy_(1, batch.write_slots, k[0, :, :n])
+        pool.v[self.index].index_copy_(1, batch.write_slots, v[0, :, :n])
 
 
 class Decoder(nn.Module):

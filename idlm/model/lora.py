@@ -6,8 +6,10 @@
 
 ``gate`` is the per-token (B, T, 1) tensor that ``Decoder.hidden`` threads through every projection.
 ``gate=None`` means LoRA OFF, so prefill and every path that passes no gate is exactly the base model.
-With a gate, the low-rank term is computed only for the rows whose gate is non-zero (index_select →
-A → B → index_add), so clean positions cost nothing and stay bit-identical to the base model.
+With a gate, the low-rank term is added only to the rows whose gate is non-zero, so clean positions
+stay bit-identical to the base model. In training that is index_select → A → B → index_add; in
+decoding A is fused into the base matmul (``[W; A]``, one call instead of two) and only B runs on
+the gated rows.
 
 The MASK row (``MaskEmbedding``) is a separate one-row parameter used only where the input id is
 MASK; clean positions never read it, so training it keeps the anchor lossless too.
@@ -48,22 +50,11 @@ class GatedLoRAProj(Proj):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # standard LoRA init: B = 0, so ΔW = 0
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        y = row_stable_linear(x, self.weight, self.bias)
         if gate is None:
-            return y
-        if not torch.is_grad_enabled():  # decoding: gates are 0/1; one arithmetic for every layout
-            flat_x, flat_y = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
-            span = gated_span(gate)
-            if span is not None:  # one contiguous run of gated slots (an ISD window): slice and add
-                lo, hi = span
-                if hi > lo:
-                    flat_y[lo:hi] += self._delta(flat_x[lo:hi]).to(y.dtype)
-                return y
-            rows = gated_rows(gate)  # draft rows of several requests in one engine batch
-            if gate_is_binary(gate):
-                if rows.numel():
-                    flat_y.index_add_(0, rows, self._delta(flat_x.index_select(0, rows)).to(y.dtype))
-                return y
+            return row_stable_linear(x, self.weight, self.bias)
+        if not torch.is_grad_enabled() and gate_is_binary(gate):
+            return self._decode_forward(x, gate)
+        y = row_stable_linear(x, self.weight, self.bias)
         rows = gated_rows(gate)  # (R,) flat indices into B*T
         if rows.numel() == 0:
             return y
@@ -76,10 +67,34 @@ class GatedLoRAProj(Proj):
         y.view(-1, self.out_features).index_add_(0, rows, delta.to(y.dtype))
         return y
 
-    def _delta(self, rows: torch.Tensor) -> torch.Tensor:
-        """scale · B(A x) for gated rows (R, in), inference only: row-stable matmuls, so a row's delta
-        does not depend on how many other gated rows (other requests' drafts) share the call."""
-        return row_stable_linear(row_stable_linear(rows, self.lora_A.to(rows.dtype)), self._scaled_b(rows.dtype))
+    def _decode_forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Inference with a 0/1 gate. One matmul with ``[W; A]`` gives every row's base output and its
+        A x (the base columns are bit-identical to ``x Wᵀ`` alone: tests/train/test_lora.py); then
+        ``y += gate · (scale · B (A x))`` on every row. A clean row adds exactly 0, so it stays the
+        base model bit for bit; a gated row's delta is the same whatever rows share the batch."""
+        fused, fused_bias = self._fused(x.dtype)
+        y_ext = row_stable_linear(x, fused, fused_bias)  # (..., out + rank)
+        y, t = y_ext[..., : self.out_features], y_ext[..., self.out_features:]
+        y.addcmul_(row_stable_linear(t, self._scaled_b(x.dtype)), gate.to(x.dtype).view(*x.shape[:-1], 1))
+        return y
+
+    def _fused(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[W; A]`` (out + rank, in) and ``[b; 0]``, built once per A. The base weight becomes a view
+        of the fused buffer's first rows, so the model holds one copy of W."""
+        cached = getattr(self, "_fused_cache", None)
+        if cached is not None and cached[0] == self._fused_key(dtype):
+            return cached[1], cached[2]
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor: W stays usable in training
+            fused = torch.cat([self.weight.detach().to(dtype), self.lora_A.detach().to(dtype)])
+            if dtype == self.weight.dtype and not self.weight.requires_grad:
+                self.weight.data = fused[: self.out_features]
+            bias = None if self.bias is None else torch.cat([self.bias.detach().to(dtype),
+                                                             self.bias.new_zeros(self.rank, dtype=dtype)])
+        self._fused_cache = (self._fused_key(dtype), fused, bias)
+        return fused, bias
+
+    def _fused_key(self, dtype: torch.dtype) -> tuple:
+        return (self.lora_A._version, self.lora_A.data_ptr(), self.weight._version, self.weight.data_ptr(), dtype)
 
     def _scaled_b(self, dtype: torch.dtype) -> torch.Tensor:
         """scale * B in ``dtype``, cached for inference until B changes (its version counter)."""
@@ -117,26 +132,6 @@ def gate_is_binary(gate: torch.Tensor) -> bool:
     binary = bool(((gate == 0) | (gate == 1)).all())
     gate._idlm_binary = (version, binary)  # type: ignore[attr-defined]
     return binary
-
-
-def gated_span(gate: torch.Tensor) -> tuple[int, int] | None:
-    """(lo, hi) when the gate is 1 exactly on flat slots lo..hi-1 and 0 elsewhere (an ISD window:
-    the draft MASKs follow the clean slots), else None. Cached on the gate like ``gated_rows``."""
-    version = None if gate.is_inference() else gate._version
-    cached = getattr(gate, "_idlm_span", None)
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    flat = gate.reshape(-1)
-    rows = gated_rows(gate)
-    span = None
-    if rows.numel() == 0:
-        span = (0, 0)
-    else:
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        if hi - lo == rows.numel() and bool((flat[lo:hi] == 1).all()):
-            span = (lo, hi)
-    gate._idlm_span = (version, span)  # type: ignore[attr-defined]
-    return span
 
 
 class MaskEmbedding(nn.Embedding):

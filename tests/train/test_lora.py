@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from idlm.model import load_folder
@@ -101,8 +103,9 @@ def test_state_dict_round_trip(tiny_folder):
 
 
 def test_gated_lora_decode_fast_path_equals_general_path() -> None:
-    """Under no_grad a contiguous run of gate-1 slots takes a slice-and-add path; it must compute
-    what the general (index_select / index_add) path computes, and other gates must still work."""
+    """Under no_grad a 0/1 gate takes the decoding path ([W; A] fused, B on every row, added under
+    the gate); it must compute what the training (index_select / index_add) path computes, and
+    other gates must still work."""
     import torch
 
     from idlm.model.decoder import Proj
@@ -122,3 +125,29 @@ def test_gated_lora_decode_fast_path_equals_general_path() -> None:
         with torch.no_grad():
             base = proj(x)  # no gate: the base projection (row-stable, as in decoding)
         assert torch.equal(got[0, gate == 0], base[0, gate == 0])  # ungated rows are the base exactly
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_path_is_exact_for_clean_rows_and_layout_free_for_drafts(dtype: torch.dtype) -> None:
+    """On SmolLM2-135M's projection shapes: fusing A into the base matmul leaves every ungated row
+    bit-identical to the base projection, and a gated row's output does not depend on which other
+    rows are gated or how many rows share the call (the engine mixes requests' drafts in one batch)."""
+    from idlm.model.decoder import Proj
+    from idlm.model.lora import GatedLoRAProj
+
+    torch.manual_seed(0)
+    for fan_in, fan_out in ((576, 960), (576, 576), (576, 3072), (1536, 576)):
+        proj = GatedLoRAProj(Proj(fan_in, fan_out, bias=False), rank=32, alpha=64.0).to(dtype)
+        torch.nn.init.normal_(proj.lora_B, std=0.02)
+        x = torch.randn(1, 40, fan_in).to(dtype)
+        gate = torch.zeros(1, 40, 1, dtype=dtype)
+        gate[0, 3:9] = 1
+        gate[0, 20:31] = 1
+        with torch.inference_mode():
+            base = proj(x)
+            got = proj(x, gate)
+            alone = proj(x[:, 3:9], torch.ones(1, 6, 1, dtype=dtype))  # one request's drafts, alone
+        clean = gate[0, :, 0] == 0
+        assert torch.equal(got[0, clean], base[0, clean])
+        assert not torch.equal(got[0, ~clean], base[0, ~clean])  # the adapter really acts
+        assert torch.equal(got[0, 3:9], alone[0])
