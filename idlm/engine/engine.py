@@ -154,7 +154,9 @@ class LLMEngine:
         if not sched.items:
             self._update_gauges()
             return outputs
-        res = self.runner.run(sched.items)
+        res = self.runner.run(sched.items, sched.stationary)
+        m.stationary_steps += sched.stationary
+        self.stride_policy.observe(res.num_rows, res.num_gated, sum(it.start for it in sched.items), res.forward_s)
         t1 = time.perf_counter()
         m.steps += 1
         m.rows += res.num_rows

@@ -34,7 +34,8 @@ class StepLogits:
     rows: list[torch.Tensor]  # item i: (read_rows_i, V) fp32 (empty for a prompt chunk that samples nothing)
     prepare_s: float  # building the batch tensors
     forward_s: float  # model forward + logits
-    num_rows: int  # tokens in the forward
+    num_rows: int  # tokens in the forward (padding included)
+    num_gated: int  # rows with the R-ISD adapter gate on
 
 
 class ModelRunner:
@@ -43,9 +44,13 @@ class ModelRunner:
         self.bs = blocks.block_size
         self.total_slots = pool.k.shape[2]
         self.gated = model.has_adapters
+        self._tables: _Tables | None = None  # the decode group's block tables, kept across stationary steps
 
     @torch.inference_mode()
-    def run(self, items: list[ScheduledItem]) -> StepLogits:
+    def run(self, items: list[ScheduledItem], stationary: bool = False) -> StepLogits:
+        """One forward for ``items``. ``stationary``: the same requests decode as last step, so the
+        batch state (the decode group's block-table tensor) is updated in place, not rebuilt."""
+        self._stationary = stationary
         t0 = time.perf_counter()
         ids, pos, gate, write, bases = [], [], [], [], []
         for it in items:
@@ -73,7 +78,7 @@ class ModelRunner:
             n = len(it.read_rows)
             out.append(logits[k: k + n])
             k += n
-        return StepLogits(out, t1 - t0, t2 - t1, len(ids))
+        return StepLogits(out, t1 - t0, t2 - t1, len(ids), int(sum(gate)))
 
 
     def _slots(self, seq: str, start: int, end: int) -> list[int]:
@@ -104,18 +109,43 @@ class ModelRunner:
         return AttnGroup(rows, bias, src, dst, key_blocks=self._key_blocks(items, s), dense=dense)
 
     def _key_blocks(self, items: list[ScheduledItem], s: int) -> torch.Tensor:
-        """(R, S / block_size) pool block of each run of keys; past a table: the null block."""
+        """(R, S / block_size) pool block of each run of keys; past a table: the null block. For a
+        decode group in a stationary step only the rows whose table changed are rewritten."""
         width = s // self.bs
-        tables = [self.blocks.table(it.request.id)[:width] for it in items]
-        return torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in tables])
+        ids = tuple(it.request.id for it in items)
+        tables = [self.blocks.table(i) for i in ids]
+        cache = self._tables
+        if not (self._stationary and items[0].window is not None and cache is not None and cache.ids == ids
+                and cache.tensor.shape[1] >= width):
+            cap = max(width, 2 * max(len(t) for t in tables))
+            cache = _Tables(ids, [list(t) for t in tables],
+                            torch.tensor([t[:cap] + [NULL_BLOCK] * (cap - len(t[:cap])) for t in tables]))
+            if items[0].window is not None:
+                self._tables = cache
+            return cache.tensor[:, :width]
+        cap = cache.tensor.shape[1]
+        for k, t in enumerate(tables):
+            if t != cache.rows[k]:
+                row = t[:cap]
+                cache.tensor[k] = torch.tensor(row + [NULL_BLOCK] * (cap - len(row)))
+                cache.rows[k] = list(t)
+        return cache.tensor[:, :width]
+
+
+@dataclass
+class _Tables:
+    """Block tables of a decode group as a padded tensor, reused while the group is stationary."""
+
+    ids: tuple[str, ...]  # the requests, in row order
+    rows: list[list[int]]  # each request's table when its row was last written
+    tensor: torch.Tensor  # (R, capacity) block ids, padded with the null block
 
 
 def bucket(n: int) -> int:
     """Row count of a batch of n tokens, rounded up so that few distinct matmul shapes occur: oneDNN
     compiles a kernel for every new shape (~1 ms each) and the engine's batch size changes every
     step. Exact up to 16 (single requests repeat their few shapes), then multiples of 8, then of 32."""
-    import os
-    if n <= 16 or os.environ.get("NOBUCKET"):
+    if n <= 16:
         return n
     if n <= 128:
         return -(-n // 8) * 8

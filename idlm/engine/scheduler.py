@@ -68,7 +68,7 @@ class SchedulerOutput:
 
 
 class StridePolicy(Protocol):
-    def choose(self, requests: list[Request], other_rows: int) -> dict[str, tuple[int, bool]]:
+    def choose(self, requests: list[Request], other_rows: int, keys: int) -> dict[str, tuple[int, bool]]:
         """(drafts N-1, fallback on?) for each adaptive (auto stride or fallback) request decoding now."""
         ...
 
@@ -123,7 +123,7 @@ class Scheduler:
             other = sum(min(r.committed_len - r.num_computed, self.cfg.max_batched_tokens)
                         for r in self.running if r.prefilling)
             other += sum(r.decode.window for r in decoding if not r.decode.adaptive)
-            chosen = self.policy.choose(adaptive, other)
+            chosen = self.policy.choose(adaptive, other, sum(r.num_computed for r in decoding))
         items = []
         for req in decoding:
             if req.status is not Status.RUNNING:  # preempted while making room for an older one

@@ -28,8 +28,9 @@ from ..config import AUTO_MAX_STRIDE
 from ..metrics import EngineMetrics
 from .request import Request
 
-PRIOR_ACCEPT = 0.5  # acceptance assumed for a draft position never measured
-PRIOR_WEIGHT = 8.0  # pseudo-counts of that prior (engine-wide) / of the engine-wide rate (per request)
+PRIOR_ACCEPT = 0.75  # acceptance assumed for a draft position never measured: optimistic, so drafts get tried
+PRIOR_WEIGHT = 4.0  # pseudo-counts of that prior (engine-wide) / of the engine-wide rate (per request)
+OVERHEAD_EMA = 0.1  # weight of the newest step in the learned per-key overhead
 CALIBRATION_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
 
 
@@ -99,26 +100,46 @@ def expected_tokens(accept: list[float], n: int, fallback: bool) -> float:
     return (a * n + (1 - a) * (e_rej + 2)) / (a + 2 * (1 - a))
 
 
-def window_rows(n: int, fallback: bool) -> tuple[int, int]:
-    """(rows, gated rows) of a steady-state verify window at stride n."""
+def window_rows(n: int, fallback: bool, accept: list[float] | None = None) -> tuple[float, float]:
+    """(rows, gated rows) per forward at stride n in steady state: a verify window, or without
+    fallback the average over verify steps and the cold steps (n rows) that follow rejections."""
     d = n - 1
-    branches = d * d if fallback else 0
-    return 2 * n - 1 + branches, d + branches
+    if fallback or d == 0:
+        branches = d * d if fallback else 0
+        return float(2 * n - 1 + branches), float(d + branches)
+    a = 1.0
+    for j in range(d):
+        a *= accept[j] if accept and j < len(accept) else PRIOR_ACCEPT
+    rows = (a * (2 * n - 1) + (1 - a) * (2 * n - 1 + n)) / (a + 2 * (1 - a))
+    return rows, float(d)
 
 
 class WindowPolicy:
-    """The scheduler's ``StridePolicy``: one (N, fallback) choice per step for the adaptive requests."""
+    """The scheduler's ``StridePolicy``: one (N, fallback) choice per step for the adaptive requests.
+
+    Predicted step time = ``cost(rows, gated rows)`` (calibrated on one sequence) + ``per_key`` x the
+    keys the batch's requests attend to. The second term (each request reads its whole KV cache, ~1
+    ms per request on this CPU at a few hundred tokens) is the same whatever window is chosen, and is
+    learned online from the engine's measured step times (``observe``)."""
 
     def __init__(self, model, metrics: EngineMetrics, max_stride: int = AUTO_MAX_STRIDE,
                  cost: CostModel | None = None):
         self.model, self.metrics, self.max_stride, self._cost = model, metrics, max_stride, cost
         self.chosen: Counter = Counter()  # (N of the auto-stride requests or 0, fallback) -> steps
+        self.per_key = 0.0  # learned seconds per attended key per step, beyond the calibration
 
     @property
     def cost(self) -> CostModel:
         if self._cost is None:
             self._cost = CostModel.measure(self.model)
         return self._cost
+
+    def observe(self, rows: int, gated: int, keys: int, seconds: float) -> None:
+        """A finished forward: learn the time the calibration does not explain, per attended key."""
+        if keys <= 0 or self._cost is None:
+            return
+        extra = max(0.0, seconds - self._cost(rows, gated)) / keys
+        self.per_key += OVERHEAD_EMA * (extra - self.per_key)
 
     def acceptance(self, req: Request) -> list[float]:
         """Per draft position: the request's own rate shrunk towards the engine-wide one."""
@@ -131,22 +152,24 @@ class WindowPolicy:
             out.append((mine_a + PRIOR_WEIGHT * glob) / (mine_t + PRIOR_WEIGHT))
         return out
 
-    def choose(self, requests: list[Request], other_rows: int) -> dict[str, tuple[int, bool]]:
+    def choose(self, requests: list[Request], other_rows: int, keys: int = 0) -> dict[str, tuple[int, bool]]:
         """(N - 1, fallback) by request id for ``requests`` (all adaptive); ``other_rows`` are the
-        rows the rest of the batch brings (prompt chunks, fixed windows)."""
+        rows the rest of the batch brings (prompt chunks, fixed windows), ``keys`` the keys all of
+        the step's requests attend to."""
         gated = self.model.has_adapters
         accepts = [self.acceptance(r) for r in requests]
         any_auto = any(r.decode.auto for r in requests)
+        fixed = self.per_key * keys
         best, best_rate = (0, False), -1.0
         for n_auto in (range(1, self.max_stride + 1) if any_auto else (0,)):
             for fb in (False, True):
-                tokens, rows, g = 0.0, other_rows, 0
+                tokens, rows, g = 0.0, float(other_rows), 0.0
                 for a, r in zip(accepts, requests):
                     n, use_fb = self._window(r, n_auto, fb)
                     tokens += expected_tokens(a, n, use_fb)
-                    w, wg = window_rows(n, use_fb)
+                    w, wg = window_rows(n, use_fb, a)
                     rows, g = rows + w, g + wg
-                rate = tokens / self.cost(rows, g if gated else 0)
+                rate = tokens / (self.cost(round(rows), round(g) if gated else 0) + fixed)
                 if rate > best_rate:
                     best, best_rate = (n_auto, fb), rate
         self.chosen[best] += 1

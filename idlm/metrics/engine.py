@@ -21,6 +21,7 @@ class EngineMetrics:
     requests_added: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
     steps: int = 0  # batched forwards
+    stationary_steps: int = 0  # steps whose requests were the previous step's (batch state reused)
     rows: int = 0  # tokens fed to the model (prompt chunks + windows, padding included)
     request_forwards: int = 0  # sum over steps of the requests in the step
     preemptions: int = 0

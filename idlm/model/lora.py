@@ -94,11 +94,11 @@ class GatedLoRAProj(Proj):
         return fused, bias
 
     def _fused_key(self, dtype: torch.dtype) -> tuple:
-        return (self.lora_A._version, self.lora_A.data_ptr(), self.weight._version, self.weight.data_ptr(), dtype)
+        return (_version(self.lora_A), self.lora_A.data_ptr(), _version(self.weight), self.weight.data_ptr(), dtype)
 
     def _scaled_b(self, dtype: torch.dtype) -> torch.Tensor:
         """scale * B in ``dtype``, cached for inference until B changes (its version counter)."""
-        key = (self.lora_B._version, dtype, self.scale)
+        key = (_version(self.lora_B), self.lora_B.data_ptr(), dtype, self.scale)
         cached = getattr(self, "_b_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, (self.lora_B.detach() * self.scale).to(dtype))
@@ -109,12 +109,20 @@ class GatedLoRAProj(Proj):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """In-place change counter (None for inference-mode tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def gated_rows(gate: torch.Tensor) -> torch.Tensor:
     """Flat indices of the non-zero gate entries. One gate tensor is shared by every projection of
     every layer in a forward, so the indices are cached on it, keyed by its version counter (an
     in-place update of a persistent gate invalidates the cache)."""
     # inference-mode tensors have no version counter; decoders build a fresh gate per forward
-    version = None if gate.is_inference() else gate._version
+    version = _version(gate)
     cached = getattr(gate, "_idlm_rows", None)
     if cached is not None and cached[0] == version:
         return cached[1]
@@ -125,7 +133,7 @@ def gated_rows(gate: torch.Tensor) -> torch.Tensor:
 
 def gate_is_binary(gate: torch.Tensor) -> bool:
     """True when every gate entry is 0 or 1 (decoding); cached on the gate like ``gated_rows``."""
-    version = None if gate.is_inference() else gate._version
+    version = _version(gate)
     cached = getattr(gate, "_idlm_binary", None)
     if cached is not None and cached[0] == version:
         return cached[1]
