@@ -179,11 +179,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tok = lm.tokenizer()
     prompts = [encode(tok, t, chat=True) for t in texts]
     cost = None
-    if any(c.auto for c in cfgs) and "isd" in modes:
+    if any(c.adaptive for c in cfgs) and "isd" in modes:
         from .engine import CostModel
 
-        print("measuring forward cost by batch rows for --stride auto ...", file=sys.stderr)
-        cost = CostModel.measure(lm.model)
+        cost = CostModel.for_model(lm.model)
     from .engine import EngineConfig
 
     ecfg = EngineConfig(max_batched_tokens=args.max_batched_tokens, kv_cache_gb=args.kv_cache_gb)

@@ -18,6 +18,10 @@ is keyed by output index).
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import hashlib
+import json
+import platform
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -26,12 +30,13 @@ import torch
 
 from ..config import AUTO_MAX_STRIDE
 from ..metrics import EngineMetrics
+from ..model.loading import cache_dir
 from .request import Request
 
 PRIOR_ACCEPT = 0.75  # acceptance assumed for a draft position never measured: optimistic, so drafts get tried
 PRIOR_WEIGHT = 4.0  # pseudo-counts of that prior (engine-wide) / of the engine-wide rate (per request)
 OVERHEAD_EMA = 0.1  # weight of the newest step in the learned per-key overhead
-CALIBRATION_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
+CALIBRATION_ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
 
 
 @dataclass
@@ -54,7 +59,28 @@ class CostModel:
         return base + gated * self.gated_per_row
 
     @classmethod
-    def measure(cls, model, prefix: int = 256, reps: int = 3, rows: tuple[int, ...] = CALIBRATION_ROWS) -> CostModel:
+    def for_model(cls, model) -> CostModel:
+        """The calibration of this model on this machine: read from the cache folder, or measured
+        (a few seconds) and saved there. The key covers the model's shapes and adapter, dtype,
+        thread count, torch version and CPU, so a different setting measures again."""
+        path = cache_dir() / "cost" / f"{_machine_key(model)}.json"
+        try:
+            d = json.loads(path.read_text())
+            return cls(d["rows"], d["seconds"], d["gated_per_row"])
+        except (OSError, ValueError, KeyError):
+            pass
+        cost = cls.measure(model)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(dataclasses.asdict(cost)))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache only costs a re-measurement next time
+        return cost
+
+    @classmethod
+    def measure(cls, model, prefix: int = 256, reps: int = 2, rows: tuple[int, ...] = CALIBRATION_ROWS) -> CostModel:
         """Time forwards of k new rows over a ``prefix``-token cache, each k, interleaved, median of
         ``reps``; and the same with every row gated when the model has adapters."""
         vocab = model.cfg.vocab_size
@@ -80,6 +106,25 @@ class CostModel:
         if gated:
             per_gated = max(0.0, sum((med[(k, True)] - med[(k, False)]) / k for k in (16, 64)) / 2)
         return cls(list(rows), [med[(k, False)] for k in rows], per_gated)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine_key(model) -> str:
+    cfg = model.cfg
+    parts = [cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+             cfg.vocab_size, model.has_adapters, str(model.dtype), torch.get_num_threads(), torch.__version__,
+             _cpu_name(), CALIBRATION_ROWS]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 def expected_tokens(accept: list[float], n: int, fallback: bool) -> float:
@@ -131,7 +176,7 @@ class WindowPolicy:
     @property
     def cost(self) -> CostModel:
         if self._cost is None:
-            self._cost = CostModel.measure(self.model)
+            self._cost = CostModel.for_model(self.model)
         return self._cost
 
     def observe(self, rows: int, gated: int, keys: int, seconds: float) -> None:
