@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from ..config import ConfigError, DecodeConfig, SamplingParams
+from ..config import MAX_STRIDE, ConfigError, DecodeConfig, SamplingParams
 from ..decode import ISDState, isd_step, pick, randomness
 from ..decode.isd import Stopper
 from ..metrics import DecodeStats, EngineMetrics
@@ -49,7 +49,8 @@ class EngineConfig:
     max_running: int = 16  # --max-running: requests decoding at once (the rest wait in a queue)
     max_batched_tokens: int = 512  # --max-batched-tokens: tokens per forward; prompt chunks get what windows leave
     block_size: int = 16  # --block-size: tokens per KV block
-    kv_cache_gb: float | None = None  # --kv-cache-gb: KV pool size (default: 1/4 of free memory, at most 4 GiB)
+    kv_cache_gb: float | None = None  # --kv-cache-gb: KV pool size (default: 1/4 of free memory, at most 4 GiB,
+    # at most what max_running requests of max_model_len tokens can use)
     num_blocks: int | None = None  # exact KV pool size in blocks (overrides kv_cache_gb; tests)
     max_model_len: int | None = None  # --max-model-len: prompt + output limit (default: the model's)
 
@@ -68,7 +69,9 @@ class LLMEngine:
     def __init__(self, model: Decoder, config: EngineConfig = EngineConfig(), cost: CostModel | None = None):
         self.model, self.config = model.eval(), config
         cfg = model.cfg
-        n_blocks = config.num_blocks or num_blocks_for(cfg, model.dtype, config.block_size, config.kv_cache_gb)
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        most = config.max_running * (self.max_model_len + DecodeConfig(stride=MAX_STRIDE).window)
+        n_blocks = config.num_blocks or num_blocks_for(cfg, model.dtype, config.block_size, config.kv_cache_gb, most)
         self.blocks = BlockManager(n_blocks, config.block_size)
         self.pool = new_pool(cfg, model.dtype, n_blocks, config.block_size, model.embed.weight.device)
         self.metrics = EngineMetrics(kv_blocks_total=self.blocks.num_total)
@@ -76,7 +79,6 @@ class LLMEngine:
         sched = SchedulerConfig(config.max_running, config.max_batched_tokens)
         self.scheduler = Scheduler(sched, self.blocks, cfg.mask_token_id, self.stride_policy)
         self.runner = ModelRunner(model, self.pool, self.blocks)
-        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()

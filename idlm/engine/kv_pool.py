@@ -31,11 +31,15 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def num_blocks_for(cfg: ModelConfig, dtype: torch.dtype, block_size: int, kv_cache_gb: float | None) -> int:
-    """How many blocks fit in ``kv_cache_gb`` GiB (default: a quarter of available memory, at most
-    4 GiB). At least 2 (the null block and one usable block)."""
+def num_blocks_for(cfg: ModelConfig, dtype: torch.dtype, block_size: int, kv_cache_gb: float | None,
+                   max_tokens: int | None = None) -> int:
+    """How many blocks fit in ``kv_cache_gb`` GiB. Default: a quarter of available memory, at most
+    4 GiB, and no more than ``max_tokens`` (what the running requests can ever hold) needs. At
+    least 2 (the null block and one usable block)."""
     if kv_cache_gb is None:
         budget = min(DEFAULT_KV_FRACTION * available_memory(), DEFAULT_KV_CAP_GB * 2 ** 30)
+        if max_tokens is not None:
+            budget = min(budget, (max_tokens + 2 * block_size) * bytes_per_token(cfg, dtype))
     else:
         if not kv_cache_gb > 0:
             raise ConfigError(f"--kv-cache-gb must be > 0, got {kv_cache_gb}", "kv_cache_gb")

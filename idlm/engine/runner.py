@@ -44,6 +44,7 @@ class ModelRunner:
         self.bs = blocks.block_size
         self.total_slots = pool.k.shape[2]
         self.gated = model.has_adapters
+        self.device = pool.k.device
         self._tables: _Tables | None = None  # the decode group's block tables, kept across stationary steps
 
     @torch.inference_mode()
@@ -64,14 +65,15 @@ class ModelRunner:
         groups = [self._group([items[i] for i in decode], [bases[i] for i in decode])] if decode else []
         groups += [self._group([it], [b]) for it, b in zip(items, bases) if it.window is None]
         contiguous = write == list(range(write[0], write[0] + len(write)))
-        batch = PagedBatch(torch.tensor(write), groups, write[0] if contiguous else None, self.bs)
+        batch = PagedBatch(self._t(write), groups, write[0] if contiguous else None, self.bs)
         read = [b + r for it, b in zip(items, bases) for r in it.read_rows]
         pad = bucket(len(ids)) - len(ids)  # padding rows: bounded matmul shapes, so kernels are reused
         ids, pos = ids + [0] * pad, pos + [0] * pad
-        gate_t = torch.tensor(gate + [0.0] * pad) if self.gated and any(gate) else None
+        gate_t = self._t(gate + [0.0] * pad, torch.float32) if self.gated and any(gate) else None
         t1 = time.perf_counter()
-        hidden = self.model.hidden_paged(torch.tensor(ids), torch.tensor(pos), self.pool, batch, gate_t)
-        logits = self.model.logits(hidden[torch.tensor(read)]) if read else hidden.new_empty(0, 0)
+        hidden = self.model.hidden_paged(self._t(ids), self._t(pos), self.pool, batch, gate_t)
+        logits = self.model.logits(hidden[self._t(read)]) if read else hidden.new_empty(0, 0)
+        logits = logits.cpu()  # decoding (sampling, verification) is host-side, one copy per step
         t2 = time.perf_counter()
         out, k = [], 0
         for it in items:
@@ -80,6 +82,9 @@ class ModelRunner:
             k += n
         return StepLogits(out, t1 - t0, t2 - t1, len(ids), int(sum(gate)))
 
+
+    def _t(self, data, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
 
     def _slots(self, seq: str, start: int, end: int) -> list[int]:
         table, bs = self.blocks.table(seq), self.bs
@@ -91,15 +96,15 @@ class ModelRunner:
         lens = [len(it.ids) for it in items]
         t = max(lens)
         s = padded_keys(max(it.start + n for it, n in zip(items, lens)))
-        rows = torch.tensor([[b + min(i, n - 1) for i in range(t)] for b, n in zip(bases, lens)])
+        rows = self._t([[b + min(i, n - 1) for i in range(t)] for b, n in zip(bases, lens)])
         win = torch.zeros(r, t, t, dtype=torch.bool)
         for k, (it, n) in enumerate(zip(items, lens)):
             mask = it.window.mask if it.window is not None else None
             win[k, :n, :n] = mask if mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
             win[k, n:, 0] = True  # padding rows see one key (their output is dropped)
-        bias = prefix_window_bias(torch.tensor([it.start for it in items]), win, s)
-        src = torch.tensor([k * t + i for k, n in enumerate(lens) for i in range(n)])
-        dst = torch.tensor([b + i for b, n in zip(bases, lens) for i in range(n)])
+        bias = prefix_window_bias(self._t([it.start for it in items]), win.to(self.device), s)
+        src = self._t([k * t + i for k, n in enumerate(lens) for i in range(n)])
+        dst = self._t([b + i for b, n in zip(bases, lens) for i in range(n)])
         dense = bases == [k * t for k in range(r)] and all(n == t for n in lens)
         if r == 1:
             table = self.blocks.table(items[0].request.id)
@@ -119,7 +124,7 @@ class ModelRunner:
                 and cache.tensor.shape[1] >= width):
             cap = max(width, 2 * max(len(t) for t in tables))
             cache = _Tables(ids, [list(t) for t in tables],
-                            torch.tensor([t[:cap] + [NULL_BLOCK] * (cap - len(t[:cap])) for t in tables]))
+                            self._t([t[:cap] + [NULL_BLOCK] * (cap - len(t[:cap])) for t in tables]))
             if items[0].window is not None:
                 self._tables = cache
             return cache.tensor[:, :width]
@@ -127,7 +132,7 @@ class ModelRunner:
         for k, t in enumerate(tables):
             if t != cache.rows[k]:
                 row = t[:cap]
-                cache.tensor[k] = torch.tensor(row + [NULL_BLOCK] * (cap - len(row)))
+                cache.tensor[k] = self._t(row + [NULL_BLOCK] * (cap - len(row)))
                 cache.rows[k] = list(t)
         return cache.tensor[:, :width]
 

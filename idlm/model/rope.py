@@ -72,7 +72,7 @@ class RotaryTable:
     def __init__(self, cfg: ModelConfig):
         self.inv_freq, self.scale = inv_freq_and_scale(cfg)
         self.cos = self.sin = torch.empty(0)
-        self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cast: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _grow(self, n: int) -> None:
         n = max(n, 2 * self.cos.shape[0], 256)
@@ -87,9 +87,10 @@ class RotaryTable:
         need = int(positions.max()) + 1 if positions.numel() else 0
         if need > self.cos.shape[0]:
             self._grow(need)
-        if dtype not in self._cast:
-            self._cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
-        cos, sin = self._cast[dtype]
+        key = (dtype, positions.device)
+        if key not in self._cast:
+            self._cast[key] = (self.cos.to(positions.device, dtype), self.sin.to(positions.device, dtype))
+        cos, sin = self._cast[key]
         return cos[positions], sin[positions]
 
 
