@@ -193,6 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype (default fp32)")
     en.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 
+    from .config import ServerConfig
+    from .train.config import field_help
+
+    helps = field_help(ServerConfig)
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics, playground)",
+                        description="Serve a model over HTTP with the OpenAI API (/v1/completions, "
+                                    "/v1/chat/completions, /v1/models), /health, /metrics (Prometheus), /tokenize, "
+                                    "/detokenize, /version and a playground page at /. Binds 127.0.0.1 unless told "
+                                    "otherwise. SIGTERM drains in-flight requests, then exits 0.")
+    d0 = ServerConfig()
+    for name, kind in (("model", str), ("host", str), ("port", int), ("stride", str), ("mode", str),
+                       ("dtype", str), ("api_key", str), ("max_running", int), ("max_queue", int),
+                       ("kv_cache_gb", _float), ("max_batched_tokens", int), ("max_model_len", int),
+                       ("served_model_name", str), ("shutdown_timeout", _float), ("max_body_bytes", int),
+                       ("threads", int)):
+        default = getattr(d0, name)
+        extra = {"choices": ("isd", "ar")} if name == "mode" else {"choices": ("fp32", "bf16")} if name == "dtype" else {}
+        sv.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=default,
+                        help=helps.get(name, "") + ("" if default is None else f" (default {default})"), **extra)
+
     d = sub.add_parser("demo", help="the quick-start job: a few chat prompts with ISD and AR side by side")
     d.add_argument("--stride", type=int, default=3, help="ISD stride N (default 3)")
     d.add_argument("--max-new-tokens", type=int, default=96, help="tokens per prompt (default 96)")

@@ -166,8 +166,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--concurrency values must be >= 1")
     fallbacks = [_fallback(f) for f in _list(args.fallback, "--fallback", str)]
     cfgs = [_decode_cfg(args, n, fallback=f) for n in strides for f in fallbacks]  # validates each stride
-    if "isd-b1" in modes and any(c.auto for c in cfgs):
-        raise ConfigError("--stride auto needs the engine (mode isd), not isd-b1")
+    if "isd-b1" in modes and all(c.auto for c in cfgs):
+        raise ConfigError("isd-b1 (the batch-1 decoder) needs a fixed --stride; auto is the engine's (mode isd)")
     params = _sampling(args, ignore_eos=args.ignore_eos)
     if args.prompt_file:
         texts = read_prompt_file(args.prompt_file)[: args.prompts]
@@ -200,7 +200,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 if m == "ar-b1":
                     runs.append(lambda: run_batch1(lm, prompts, DecodeConfig(mode="ar"), params, "ar-b1"))
                 elif m == "isd-b1":
-                    runs += [lambda d=d: run_batch1(lm, prompts, d, params, f"isd-b1 N={d.stride}") for d in cfgs]
+                    runs += [lambda d=d: run_batch1(lm, prompts, d, params, f"isd-b1 N={d.stride}")
+                             for d in cfgs if not d.auto]
                 else:
                     runs.append(lambda: run_hf(lm, prompts, params, DTYPES[args.dtype]))
     trials = [[] for _ in runs]
@@ -354,7 +355,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "convert": cmd_convert, "data": cmd_data, "forward-cost": cmd_forward_cost, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
+def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .config import ServerConfig
+    from .server.serve import serve
+
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
+    kw["stride"] = _parse_stride(kw["stride"])
+    return serve(ServerConfig(**kw))
+
+
+COMMANDS = {"serve": cmd_serve, "eval": cmd_eval, "convert": cmd_convert, "data": cmd_data, "forward-cost": cmd_forward_cost, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # extra ids that end generation (kept)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     logprobs: int | None = None  # return each token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # also score every prompt token (and this many alternatives) on the causal path
 
     def __post_init__(self) -> None:
         _finite("temperature", "--temperature", self.temperature)
@@ -67,6 +68,10 @@ class SamplingParams:
                               "stop_token_ids")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ConfigError(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}", "logprobs")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise ConfigError(f"prompt_logprobs must be an integer in 0..{MAX_LOGPROBS}, "
+                              f"got {self.prompt_logprobs!r}", "prompt_logprobs")
 
     @property
     def greedy(self) -> bool:
@@ -128,3 +133,44 @@ class DecodeConfig:
         """The largest window: pending + N-1 specs + N-1 MASKs (2N - 1), plus N-1 fallback MASKs for
         each of the N-1 specs that could be rejected when ``fallback`` is on."""
         return 2 * self.max_stride - 1 + (self.n_drafts ** 2 if self.may_fallback else 0)
+
+
+@dataclass
+class ServerConfig:
+    """`idlm serve` settings. Field comments double as ``--help`` texts."""
+
+    model: str | None = None  # model folder, converted model, .gguf file or hub id (default: the embedded
+    # SmolLM2-135M-Instruct with the shipped R-ISD drafter)
+    host: str = "127.0.0.1"  # address to bind (127.0.0.1: this machine only)
+    port: int = 8000  # TCP port
+    stride: int | str = "auto"  # ISD stride N in 2..8, or auto (the engine picks N each step from the load)
+    mode: str = "isd"  # default decoder for requests that do not say: isd or ar
+    dtype: str = "bf16"  # fp32 or bf16
+    api_key: str | None = None  # require 'Authorization: Bearer KEY' on /v1/*, /metrics and the tokenizer routes
+    # (default: $IDLM_API_KEY; none = open)
+    max_running: int = 16  # requests decoding at once
+    max_queue: int = 64  # requests waiting beyond those; more are refused with 503 + Retry-After
+    kv_cache_gb: float | None = None  # KV cache pool in GiB (default: a quarter of free memory, at most 4)
+    max_batched_tokens: int = 512  # tokens per forward: decode windows first, prompt chunks get the rest
+    max_model_len: int | None = None  # context limit, prompt + output (default: the model's)
+    served_model_name: str | None = None  # the model id clients send and /v1/models lists (default: derived
+    # from --model)
+    shutdown_timeout: float = 30.0  # on SIGTERM: seconds to let in-flight requests finish before aborting them
+    max_body_bytes: int = 8 * 2 ** 20  # largest request body; bigger ones get 413
+    threads: int | None = None  # torch CPU threads (default: all cores)
+
+    def __post_init__(self) -> None:
+        if self.stride != AUTO and (not _is_int(self.stride) or not MIN_STRIDE <= self.stride <= MAX_STRIDE):
+            raise ConfigError(f"--stride must be an integer in {MIN_STRIDE}..{MAX_STRIDE} or 'auto', "
+                              f"got {self.stride!r}", "stride")
+        if self.mode not in ("isd", "ar"):
+            raise ConfigError(f"--mode must be 'isd' or 'ar', got {self.mode!r}", "mode")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}", "port")
+        for name in ("max_running", "max_batched_tokens", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1", name)
+        if self.max_queue < 0 or self.shutdown_timeout < 0:
+            raise ConfigError("--max-queue and --shutdown-timeout must be >= 0", "max_queue")
+        if self.api_key == "":
+            raise ConfigError("--api-key is empty", "api_key")

@@ -1,4 +1,5 @@
-"""Token ids → text, incrementally: what a streaming client sees (CLI ``generate``, the server).
+"""Token ids → text, incrementally, and text-level stop strings: what a streaming client sees (CLI
+``generate``, the server).
 
 Decoding token by token breaks multi-byte characters and merges (a UTF-8 character split over two
 tokens, a leading space that belongs to the next word), so each push decodes a short window of
@@ -34,3 +35,42 @@ class IncrementalDetokenizer:
         after = self._decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return after[len(before):]
+
+
+class StopStrings:
+    """Text-level stop strings over a stream of text pieces: ``push`` returns the text that is safe
+    to send now, cut exactly before the first stop string, even one that spans pieces. Only a tail
+    that could still be the start of a stop string is held back."""
+
+    def __init__(self, stops: list[str] | tuple[str, ...]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.matched: str | None = None  # the stop string that ended the text
+
+    def _hold(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def push(self, piece: str) -> str:
+        if self.matched is not None:
+            return ""
+        text = self.held + piece
+        hits = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
+        if hits:
+            i, self.matched = min(hits, key=lambda h: h[0])
+            self.held = ""
+            return text[:i]
+        k = self._hold(text)
+        self.held = text[len(text) - k:] if k else ""
+        return text[: len(text) - k]
+
+    def flush(self) -> str:
+        """At the end of generation: the held-back tail (it never became a stop string)."""
+        out, self.held = ("" if self.matched is not None else self.held), ""
+        return out

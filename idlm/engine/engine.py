@@ -121,7 +121,8 @@ class LLMEngine:
         stats = DecodeStats(stride=decode.max_stride, prompt_tokens=len(prompt_ids))
         req = Request(rid, prompt_ids, params, decode, next(self._arrivals), gen, noise,
                       Stopper(params, self.model.cfg.eos_token_ids), stats,
-                      logprobs=[] if params.logprobs is not None else None)
+                      logprobs=[] if params.logprobs is not None else None,
+                      prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         self.requests[rid] = req
         self.scheduler.add(req)
         self.metrics.requests_added += 1
@@ -158,7 +159,7 @@ class LLMEngine:
             return outputs
         res = self.runner.run(sched.items, sched.stationary)
         m.stationary_steps += sched.stationary
-        self.stride_policy.observe(res.num_rows, res.num_gated, sum(it.start for it in sched.items), res.forward_s)
+        self.stride_policy.observe(res.num_rows, res.num_gated, res.forward_s)
         t1 = time.perf_counter()
         m.steps += 1
         m.rows += res.num_rows
@@ -178,6 +179,9 @@ class LLMEngine:
         req = item.request
         req.stats.forwards += 1
         if item.window is None:  # a prompt chunk
+            if req.scores_prompt:
+                self._score_prompt(req, item, logits)
+                logits = logits[-1:]
             req.num_computed = item.start + len(item.ids)
             if req.output:  # recomputing after a preemption
                 self.metrics.recomputed_tokens += len(item.ids)
@@ -188,7 +192,7 @@ class LLMEngine:
             tok = pick(logits, req.params, req.gen, req.noise, 0)[0]
             req.state = ISDState(tok)
             req.times.setdefault("first_token", time.perf_counter())
-            return self._emit(req, [tok], logits)
+            return self._emit(req, [tok], logits, [False])
         win = item.window
         main, fallback = win.split(logits)
         state = req.state.truncated(win.n_specs)  # a smaller stride than the drafting one drops specs
@@ -199,10 +203,21 @@ class LLMEngine:
             self.metrics.record_verify(win.n_specs, step.verdict.accepted)
         req.num_computed = item.start + step.kept  # set from what was verified, never incremented
         req.state = step.next_state
-        return self._emit(req, step.emitted, logits)
+        accepted = step.verdict.accepted if req.decode.mode == "isd" else 0
+        return self._emit(req, step.emitted, logits, [i < accepted for i in range(len(step.emitted))])
 
-    def _emit(self, req: Request, emitted: list[int], logits: torch.Tensor) -> RequestOutput:
+    def _score_prompt(self, req: Request, item: ScheduledItem, logits: torch.Tensor) -> None:
+        """Row i of a chunk at ``start`` predicts prompt token start + i + 1 (the causal anchor). Rows
+        already scored (a chunk recomputed after a preemption) are skipped."""
+        lo = len(req.prompt_logprobs) - 1 - item.start  # first row predicting an unscored token
+        hi = min(len(item.ids), len(req.prompt) - 1 - item.start)
+        if hi > lo:
+            targets = req.prompt[item.start + 1 + lo: item.start + 1 + hi]
+            req.prompt_logprobs.extend(self._token_logprobs(logits[lo:hi], targets, req.params.prompt_logprobs or 0))
+
+    def _emit(self, req: Request, emitted: list[int], logits: torch.Tensor, drafted: list[bool]) -> RequestOutput:
         before = len(req.output)
+        first = before == 0
         done = req.stopper.push(emitted)
         new = req.output[before:]
         self.metrics.generation_tokens += len(new)
@@ -215,19 +230,22 @@ class LLMEngine:
             self._finish(req, req.stopper.finish_reason or "length")
         else:
             self.blocks.truncate(req.id, req.num_computed)  # rollback: free the blocks past the commit
-        return self._output(req, new, lps)
+        return self._output(req, new, lps, drafted[: len(new)], req.prompt_logprobs if first else None)
 
     def _logprobs(self, req: Request, new: list[int], logits: torch.Tensor) -> list[TokenLogprob]:
         """Row i of the item's logits is the anchor of the i-th emitted token."""
-        if not new:
-            return []
-        lp = torch.log_softmax(logits[: len(new)].float(), dim=-1)
-        k = req.params.logprobs or 0
+        return self._token_logprobs(logits[: len(new)], new, req.params.logprobs or 0) if new else []
+
+    @staticmethod
+    def _token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+        """Raw-logit log-probabilities of ``tokens`` (one per row) and the top ``k`` alternatives."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
         top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
         out = []
-        for i, tok in enumerate(new):
+        for i, tok in enumerate(tokens):
             top = tuple(zip(top_i[i].tolist(), top_v[i].tolist())) if k else ()
-            out.append(TokenLogprob(tok, float(lp[i, tok]), top))
+            out.append(TokenLogprob(tok, chosen[i], top))
         return out
 
     def _finish(self, req: Request, reason: str) -> None:
@@ -242,10 +260,13 @@ class LLMEngine:
         req.stats.seconds = req.times["finished"] - req.times["added"]
         self.metrics.finished[reason] = self.metrics.finished.get(reason, 0) + 1
 
-    def _output(self, req: Request, new: list[int], lps: list[TokenLogprob] | None = None) -> RequestOutput:
+    def _output(self, req: Request, new: list[int], lps: list[TokenLogprob] | None = None,
+                drafted: list[bool] | None = None, prompt_lps: list | None = None) -> RequestOutput:
         fin = req.status is Status.FINISHED
         return RequestOutput(req.id, new, fin, req.finish_reason if fin else None, len(req.prompt), len(req.output),
-                             lps if req.logprobs is not None else None, req.stats if fin else None)
+                             lps if req.logprobs is not None else None, req.stats if fin else None,
+                             drafted if drafted is not None else [False] * len(new),
+                             list(prompt_lps) if prompt_lps is not None else None)
 
     def _update_gauges(self) -> None:
         m = self.metrics
@@ -275,7 +296,7 @@ class LLMEngine:
     def completion(self, request_id: str) -> Completion:
         r = self.requests[request_id]
         return Completion(r.id, r.prompt, list(r.output), r.finish_reason or "", r.stats, r.logprobs,
-                          r.times.get("finished", time.perf_counter()) - r.times["added"])
+                          r.times.get("finished", time.perf_counter()) - r.times["added"], r.prompt_logprobs)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request (long-running servers call this once its output is delivered)."""

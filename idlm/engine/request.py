@@ -45,6 +45,9 @@ class RequestOutput:
     num_output_tokens: int  # output tokens so far, new ones included
     logprobs: list[TokenLogprob] | None = None  # one per new token when the request asked for them
     stats: DecodeStats | None = None  # the request's counters (set when it finishes)
+    drafted: list[bool] | None = None  # per new token: True = an accepted draft, False = the anchor's own token
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first tokens, if asked: one per prompt
+    # token (None for the first, which nothing predicts)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Completion:
     stats: DecodeStats
     logprobs: list[TokenLogprob] | None = None
     latency_s: float = 0.0  # from add_request to the last token
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(eq=False)
@@ -75,6 +79,7 @@ class Request:
     num_computed: int = 0  # committed tokens whose K/V is in the pool
     state: ISDState | None = None  # pending token and drafts; None until the first token exists
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # filled by the first prefill, chunk by chunk
     finish_reason: str | None = None
     times: dict[str, float] = field(default_factory=lambda: {"added": time.perf_counter()})
 
@@ -87,6 +92,11 @@ class Request:
         """Tokens that must have K/V before the next decode step: the prompt, plus every output
         token except the pending (last) one."""
         return len(self.prompt) + max(0, len(self.output) - 1)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """The first prefill must read every prompt row's logits (prompt logprobs asked, not done)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt)
 
     @property
     def prefilling(self) -> bool:

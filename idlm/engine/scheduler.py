@@ -54,9 +54,12 @@ class ScheduledItem:
 
     @property
     def read_rows(self) -> range:
-        """Rows whose logits are needed: a window's used slots; a prompt chunk's last row if it samples."""
+        """Rows whose logits are needed: a window's used slots; a prompt chunk's last row if it samples,
+        every row if the request scores its prompt."""
         if self.window is not None:
             return range(self.window.used)
+        if self.request.scores_prompt:
+            return range(len(self.ids))
         return range(len(self.ids) - 1, len(self.ids)) if self.sample else range(0)
 
 
@@ -68,7 +71,7 @@ class SchedulerOutput:
 
 
 class StridePolicy(Protocol):
-    def choose(self, requests: list[Request], other_rows: int, keys: int) -> dict[str, tuple[int, bool]]:
+    def choose(self, requests: list[Request], other_rows: int) -> dict[str, tuple[int, bool]]:
         """(drafts N-1, fallback on?) for each adaptive (auto stride or fallback) request decoding now."""
         ...
 
@@ -123,7 +126,7 @@ class Scheduler:
             other = sum(min(r.committed_len - r.num_computed, self.cfg.max_batched_tokens)
                         for r in self.running if r.prefilling)
             other += sum(r.decode.window for r in decoding if not r.decode.adaptive)
-            chosen = self.policy.choose(adaptive, other, sum(r.num_computed for r in decoding))
+            chosen = self.policy.choose(adaptive, other)
         items = []
         for req in decoding:
             if req.status is not Status.RUNNING:  # preempted while making room for an older one

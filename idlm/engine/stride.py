@@ -35,7 +35,9 @@ from .request import Request
 
 PRIOR_ACCEPT = 0.75  # acceptance assumed for a draft position never measured: optimistic, so drafts get tried
 PRIOR_WEIGHT = 4.0  # pseudo-counts of that prior (engine-wide) / of the engine-wide rate (per request)
-OVERHEAD_EMA = 0.1  # weight of the newest step in the learned per-key overhead
+WIDER_MARGIN = 0.05  # a wider window must promise this much more throughput than the narrower best so far:
+# near break-even the prediction's error decides, and a wrong wide choice costs more than a wrong narrow one
+CORRECTION_EMA = 0.2  # weight of the newest step in the learned correction of the calibration
 CALIBRATION_ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
 
 
@@ -47,6 +49,10 @@ class CostModel:
     rows: list[int]  # measured row counts, increasing
     seconds: list[float]  # forward + logits time at each
     gated_per_row: float = 0.0  # extra seconds per gated row
+
+    def __post_init__(self) -> None:
+        # more rows never cost less: a noisy calibration point below an earlier one is raised to it
+        self.seconds = [max(self.seconds[: i + 1]) for i in range(len(self.seconds))]
 
     def __call__(self, rows: int, gated: int = 0) -> float:
         i = bisect.bisect_left(self.rows, rows)
@@ -159,19 +165,53 @@ def window_rows(n: int, fallback: bool, accept: list[float] | None = None) -> tu
     return rows, float(d)
 
 
+class Correction:
+    """What the calibration gets wrong on this engine, learned from its own steps: a factor per
+    calibrated row count (measured step time / calibrated time, an EMA), linearly interpolated.
+
+    The calibration times one sequence over a fixed prefix; an engine step also gathers every
+    request's keys, attends over its real context and runs the adapter on scattered rows, so the
+    true cost differs, by an amount that changes with the load. A row count never observed takes
+    the engine-wide factor, so an untried window is judged by what the others showed."""
+
+    def __init__(self, points: list[int]):
+        self.points = points
+        self.factors: list[float | None] = [None] * len(points)
+        self.overall: float | None = None
+
+    def _weights(self, rows: float) -> list[tuple[int, float]]:
+        i = bisect.bisect_left(self.points, rows)
+        if i == 0:
+            return [(0, 1.0)]
+        if i == len(self.points):
+            return [(i - 1, 1.0)]
+        lo, hi = self.points[i - 1], self.points[i]
+        w = (rows - lo) / (hi - lo)
+        return [(i - 1, 1.0 - w), (i, w)]
+
+    def __call__(self, rows: float) -> float:
+        base = 1.0 if self.overall is None else self.overall
+        return sum(w * (base if self.factors[i] is None else self.factors[i]) for i, w in self._weights(rows))
+
+    def update(self, rows: float, ratio: float) -> None:
+        self.overall = ratio if self.overall is None else self.overall + CORRECTION_EMA * (ratio - self.overall)
+        for i, w in self._weights(rows):
+            f = self.factors[i] if self.factors[i] is not None else self.overall
+            self.factors[i] = f + CORRECTION_EMA * w * (ratio - f)
+
+
 class WindowPolicy:
     """The scheduler's ``StridePolicy``: one (N, fallback) choice per step for the adaptive requests.
 
-    Predicted step time = ``cost(rows, gated rows)`` (calibrated on one sequence) + ``per_key`` x the
-    keys the batch's requests attend to. The second term (each request reads its whole KV cache, ~1
-    ms per request on this CPU at a few hundred tokens) is the same whatever window is chosen, and is
-    learned online from the engine's measured step times (``observe``)."""
+    Predicted step time = ``cost(rows, gated rows)`` (calibrated on one sequence) x a correction
+    learned online from the engine's measured step times (``observe``): the calibration's errors
+    are a few ms at the row counts where AR and ISD are close, and those decide the choice."""
 
     def __init__(self, model, metrics: EngineMetrics, max_stride: int = AUTO_MAX_STRIDE,
                  cost: CostModel | None = None):
         self.model, self.metrics, self.max_stride, self._cost = model, metrics, max_stride, cost
         self.chosen: Counter = Counter()  # (N of the auto-stride requests or 0, fallback) -> steps
-        self.per_key = 0.0  # learned seconds per attended key per step, beyond the calibration
+        self._correction: Correction | None = None
 
     @property
     def cost(self) -> CostModel:
@@ -179,12 +219,22 @@ class WindowPolicy:
             self._cost = CostModel.for_model(self.model)
         return self._cost
 
-    def observe(self, rows: int, gated: int, keys: int, seconds: float) -> None:
-        """A finished forward: learn the time the calibration does not explain, per attended key."""
-        if keys <= 0 or self._cost is None:
+    @property
+    def correction(self) -> Correction:
+        if self._correction is None:
+            self._correction = Correction(self.cost.rows)
+        return self._correction
+
+    def predict(self, rows: float, gated: float) -> float:
+        """Predicted seconds of a forward of ``rows`` rows, ``gated`` of them with the adapter on."""
+        return self.cost(round(rows), round(gated)) * self.correction(rows)
+
+    def observe(self, rows: int, gated: int, seconds: float) -> None:
+        """A finished forward: learn how far the calibration was off at this row count. Only once
+        a policy decision has needed the calibration (no measurement for fixed-stride traffic)."""
+        if self._cost is None or seconds <= 0:
             return
-        extra = max(0.0, seconds - self._cost(rows, gated)) / keys
-        self.per_key += OVERHEAD_EMA * (extra - self.per_key)
+        self.correction.update(rows, seconds / self.cost(rows, gated))
 
     def acceptance(self, req: Request) -> list[float]:
         """Per draft position: the request's own rate shrunk towards the engine-wide one."""
@@ -197,14 +247,12 @@ class WindowPolicy:
             out.append((mine_a + PRIOR_WEIGHT * glob) / (mine_t + PRIOR_WEIGHT))
         return out
 
-    def choose(self, requests: list[Request], other_rows: int, keys: int = 0) -> dict[str, tuple[int, bool]]:
+    def choose(self, requests: list[Request], other_rows: int) -> dict[str, tuple[int, bool]]:
         """(N - 1, fallback) by request id for ``requests`` (all adaptive); ``other_rows`` are the
-        rows the rest of the batch brings (prompt chunks, fixed windows), ``keys`` the keys all of
-        the step's requests attend to."""
+        rows the rest of the batch brings (prompt chunks, fixed windows)."""
         gated = self.model.has_adapters
         accepts = [self.acceptance(r) for r in requests]
         any_auto = any(r.decode.auto for r in requests)
-        fixed = self.per_key * keys
         best, best_rate = (0, False), -1.0
         for n_auto in (range(1, self.max_stride + 1) if any_auto else (0,)):
             for fb in (False, True):
@@ -214,8 +262,8 @@ class WindowPolicy:
                     tokens += expected_tokens(a, n, use_fb)
                     w, wg = window_rows(n, use_fb, a)
                     rows, g = rows + w, g + wg
-                rate = tokens / (self.cost(round(rows), round(g) if gated else 0) + fixed)
-                if rate > best_rate:
+                rate = tokens / self.predict(rows, g if gated else 0)
+                if rate > best_rate * (1.0 + WIDER_MARGIN if best_rate > 0 else 1.0):
                     best, best_rate = (n_auto, fb), rate
         self.chosen[best] += 1
         out = {}

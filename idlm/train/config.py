@@ -149,5 +149,10 @@ def field_help(cls: type) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in names:
             line = src[node.lineno - 1]
             if "#" in line:
-                out[node.target.id] = line.split("#", 1)[1].strip()
+                text = line.split("#", 1)[1].strip()
+                k = node.lineno
+                while k < len(src) and src[k].strip().startswith("#"):  # a comment continued below the field
+                    text += " " + src[k].strip()[1:].strip()
+                    k += 1
+                out[node.target.id] = text
     return out

@@ -239,3 +239,44 @@ def test_stationary_steps_reuse_the_batch_and_stay_exact() -> None:
     assert m.stationary_steps >= m.steps - 4  # the prefill step, the first decode step, the tail
     for (p, sp, dc), out in zip(items, got.values()):
         assert out == alone(model, p, dc, sp)
+
+
+def test_prompt_logprobs_are_the_causal_log_softmax_chunked_and_preempted() -> None:
+    """Prompt scoring (what echo + logprobs serves): entry i is log p(prompt[i] | prompt[:i]) from
+    one causal forward; the first is None. Chunked over several steps and recomputed after a
+    preemption, each token is scored exactly once."""
+    model = tiny_model(seed=12, vocab=8)
+    prompt = torch.randint(0, 7, (70,), generator=torch.Generator().manual_seed(9)).tolist()
+    with torch.inference_mode():
+        ref = torch.log_softmax(model.forward(torch.tensor([prompt]), torch.arange(len(prompt))[None])[0].float(), -1)
+    want = [float(ref[i - 1, t]) for i, t in enumerate(prompt) if i]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True, prompt_logprobs=2)
+    for kw in ({"max_batched_tokens": 16}, {"max_batched_tokens": 16, "num_blocks": 24, "max_running": 3}):
+        eng = engine(model, **kw)
+        rid = eng.add_request(prompt, params)
+        others = [eng.add_request(p, SamplingParams(max_new_tokens=30, ignore_eos=True)) for p in prompts(2, seed=4)]
+        firsts = []
+        while eng.has_unfinished():
+            firsts += [o.prompt_logprobs for o in eng.step() if o.request_id == rid and o.prompt_logprobs]
+        got = eng.completion(rid).prompt_logprobs
+        assert got[0] is None and len(got) == len(prompt) and firsts == [got]
+        assert [g.token_id for g in got[1:]] == prompt[1:]
+        assert [g.logprob for g in got[1:]] == pytest.approx(want, abs=1e-4)
+        assert all(len(g.top) == 2 and g.top[0][1] >= g.logprob - 1e-6 for g in got[1:])
+        assert eng.completion(rid).token_ids == alone(model, prompt, DecodeConfig(), params)
+        assert all(eng.completion(o).finish_reason == "length" for o in others)
+
+
+def test_drafted_flags_count_the_accepted_drafts() -> None:
+    model = tiny_model(seed=5, vocab=8)
+    eng = engine(model, max_running=2)
+    rid = eng.add_request([1, 2, 3, 4], SamplingParams(max_new_tokens=60, ignore_eos=True), DecodeConfig(stride=4))
+    flags = []
+    while eng.has_unfinished():
+        for o in eng.step():
+            assert len(o.drafted) == len(o.new_token_ids)
+            assert o.finished or not o.drafted or not o.drafted[-1]  # a step ends with the anchor's own token
+            flags += o.drafted
+    stats = eng.completion(rid).stats
+    accepted = sum(stats.accepted_at)  # the last step's tokens past max_new_tokens are dropped
+    assert len(flags) == 60 and 0 < accepted - 3 <= sum(flags) <= accepted

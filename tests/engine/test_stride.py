@@ -1,0 +1,60 @@
+"""The load-adaptive window policy: expected tokens (spec §3.8), the calibrated cost, and the
+correction it learns from the engine's own step times."""
+
+from __future__ import annotations
+
+import pytest
+
+from idlm.config import DecodeConfig, SamplingParams
+from idlm.engine import CostModel, EngineConfig, LLMEngine
+from idlm.engine.stride import Correction, expected_tokens
+
+from ..decode.tiny import tiny_model
+
+
+def test_expected_tokens_by_hand() -> None:
+    assert expected_tokens([0.5, 0.5], 1, False) == 1.0
+    # fallback: every step verifies; 1 anchor token + E[accepted drafts] = 1 + .8 + .8 * .5
+    assert expected_tokens([0.8, 0.5], 3, True) == pytest.approx(2.2)
+    # no fallback, N = 2, a = P(all accepted) = .6: (a N + (1 - a)(0 + 2)) / (a + 2(1 - a)) = 2 / 1.4
+    assert expected_tokens([0.6], 2, False) == pytest.approx(2.0 / 1.4)
+    assert expected_tokens([1.0, 1.0], 3, False) == 3.0
+
+
+def test_calibration_is_made_monotone() -> None:
+    cost = CostModel([1, 8, 16, 32], [0.02, 0.03, 0.025, 0.05])  # a noisy point below its left neighbour
+    assert cost.seconds == [0.02, 0.03, 0.03, 0.05]
+    assert cost(12) == pytest.approx(0.03)
+
+
+def test_correction_learns_each_row_count_and_defaults_to_the_overall_factor() -> None:
+    corr = Correction([1, 16, 64])
+    assert corr(40) == 1.0  # nothing observed: the calibration as it is
+    for _ in range(50):
+        corr.update(16, 2.0)  # steps at 16 rows take twice the calibrated time
+    assert corr(16) == pytest.approx(2.0, rel=1e-3)
+    assert corr(64) == pytest.approx(2.0, rel=1e-3)  # never observed: the overall factor
+    for _ in range(50):
+        corr.update(64, 0.5)
+    assert corr(64) == pytest.approx(0.5, rel=1e-2) and corr(16) > 1.9
+    assert corr(40) == pytest.approx((24 * 0.5 + 24 * corr(16)) / 48, rel=1e-2)  # interpolated
+
+
+def test_policy_falls_back_to_ar_once_windows_prove_slow() -> None:
+    """A calibration that calls every row free makes ``--stride auto`` draft as much as it can; when
+    the engine then observes that wide steps are slow, the policy switches those requests to AR."""
+    model = tiny_model(seed=3, vocab=8)
+    eng = LLMEngine(model, EngineConfig(num_blocks=256, block_size=4, max_running=4),
+                    cost=CostModel([1, 4, 16, 64], [0.01, 0.01, 0.01, 0.01]))
+    for p in ([1, 2, 3], [4, 5, 6, 7], [2, 2, 1], [6, 1, 0, 3, 2]):
+        eng.add_request(p, SamplingParams(max_new_tokens=200, ignore_eos=True), DecodeConfig(stride="auto"))
+    for _ in range(6):  # prefill and a few decode steps
+        eng.step()
+    policy = eng.stride_policy
+    running = list(eng.scheduler.running)
+    assert set(policy.choose(running, 0).values()) == {(3, True)}  # N = 4 with fallback: rows look free
+    for _ in range(60):
+        policy.observe(4, 0, 0.01)  # four AR rows: as calibrated
+        policy.observe(16, 0, 0.05)  # sixteen rows: 5x the calibration
+        policy.observe(64, 0, 0.2)
+    assert set(policy.choose(running, 0).values()) == {(0, False)}  # N = 1: AR
