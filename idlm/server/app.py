@@ -161,7 +161,7 @@ class Server:
         if req.kind == "chat":
             try:
                 ids = s.tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=True)
-            except Exception as e:  # a template that rejects this conversation (roles, order)
+            except Exception as e:  # noqa: BLE001 - a template that rejects this conversation (roles, order)
                 raise bad(f"the chat template rejected these messages: {e}"[:300], "messages") from None
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]

@@ -32,8 +32,6 @@ def default_model_name(model: str | None) -> str:
 
 def load_into(state: ServerState) -> None:
     """Load the model, tokenizer and engine into ``state`` (runs in a thread while HTTP is up)."""
-    import torch
-
     from ..commands import DTYPES
     from ..engine import AsyncEngine, EngineConfig, LLMEngine
     from ..model import load_model
@@ -49,7 +47,7 @@ def load_into(state: ServerState) -> None:
                             kv_cache_gb=cfg.kv_cache_gb, max_model_len=cfg.max_model_len)
         engine = LLMEngine(lm.model, ecfg)
         if cfg.stride == "auto":
-            engine.stride_policy.cost  # calibrate now (cached on disk), not on the first request
+            _ = engine.stride_policy.cost  # calibrate now (cached on disk), not on the first request
         # warm the kernels on a short request so the first client does not pay for it
         engine.generate([tok("warm up")["input_ids"] or [0]], None, None)
         engine.metrics.__init__(kv_blocks_total=engine.blocks.num_total)
@@ -59,7 +57,6 @@ def load_into(state: ServerState) -> None:
         aeng = AsyncEngine(engine)
         aeng.start()
         state.engine = aeng
-        del torch
     except Exception as e:  # noqa: BLE001 - reported on /health and to every request
         state.load_error = " ".join(f"{type(e).__name__}: {e}".split())
         log.error("idlm: the model failed to load: %s", state.load_error)
