@@ -5,7 +5,7 @@ generate) is the synchronous core; ``AsyncEngine`` runs its step loop in a backg
 the server.
 """
 
-from .async_engine import AsyncEngine, EngineDeadError
+from .async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from .block_manager import BlockManager, OutOfBlocks
 from .engine import EngineConfig, LLMEngine
 from .request import Completion, RequestOutput, TokenLogprob
@@ -19,6 +19,7 @@ __all__ = [
            "CostModel",
            "EngineConfig",
            "EngineDeadError",
+           "EngineStepError",
            "LLMEngine",
            "OutOfBlocks",
            "RequestOutput",

@@ -10,8 +10,9 @@ The loop thread owns the ``LLMEngine``: callers never touch it directly. They po
 abort) to a queue; the loop drains the queue between steps, runs a step whenever there is work and
 sleeps on the queue otherwise, and hands each output to the request's asyncio queue on the caller's
 event loop. Leaving ``generate`` early (a client disconnect, a cancelled task) aborts the request,
-so its KV blocks are freed at the next step. If a step raises, the loop stops, every open request
-gets ``EngineDeadError``, and ``alive`` turns False (the server's /health then reports 503).
+so its KV blocks are freed at the next step. If a step raises, the requests in that step are
+aborted and get ``EngineStepError``; the others go on. If steps keep failing, the loop stops, every
+open request gets ``EngineDeadError``, and ``alive`` turns False (the server's /health then reports 503).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from .request import RequestOutput
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped after an error; no request can be served."""
+
+
+class EngineStepError(RuntimeError):
+    """A step failed; the requests in it were aborted (the engine goes on serving the others)."""
+
+
+MAX_CONSECUTIVE_FAILURES = 3  # steps in a row that may fail before the loop gives up
 
 
 @dataclass
@@ -125,23 +133,43 @@ class AsyncEngine:
 
     def _run(self) -> None:
         eng = self.engine
+        failures = 0
         try:
             while True:
                 block = not eng.has_unfinished()
                 if not self._drain(block):
                     return
-                if eng.has_unfinished():
-                    for out in eng.step():
-                        self._deliver(out.request_id, out)
-                        if out.finished:
-                            self._sinks.pop(out.request_id, None)
-                            eng.release(out.request_id)
+                if not eng.has_unfinished():
+                    continue
+                try:
+                    outs = eng.step()
+                    failures = 0
+                except Exception as e:  # noqa: BLE001 - fail the step's requests, keep serving the rest
+                    failures += 1
+                    if failures >= MAX_CONSECUTIVE_FAILURES:
+                        raise
+                    traceback.print_exc()
+                    self._fail_step(f"{type(e).__name__}: {e}")
+                    continue
+                for out in outs:
+                    self._deliver(out.request_id, out)
+                    if out.finished:
+                        self._sinks.pop(out.request_id, None)
+                        eng.release(out.request_id)
         except Exception as e:  # noqa: BLE001 - any failure kills the loop; report it to every request
             self.error = f"{type(e).__name__}: {e}"
             traceback.print_exc()
             for rid in list(self._sinks):
                 self._deliver(rid, EngineDeadError(self.error))
             self._sinks.clear()
+
+    def _fail_step(self, why: str) -> None:
+        eng = self.engine
+        for rid in eng.in_step:
+            eng.abort(rid)
+            self._deliver(rid, EngineStepError(f"the engine step failed: {why}"))
+            self._sinks.pop(rid, None)
+        eng.drop_aborted()
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if ``block``). False on stop."""

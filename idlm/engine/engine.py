@@ -83,6 +83,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._aborted: list[Request] = []
+        self.in_step: list[str] = []  # ids of the requests in the step being run
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -139,6 +140,12 @@ class LLMEngine:
         self._aborted.append(req)
         return True
 
+    def drop_aborted(self) -> None:
+        """Forget the pending "abort" outputs (their requests were told otherwise) and the requests."""
+        for r in self._aborted:
+            self.requests.pop(r.id, None)
+        self._aborted = []
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)
 
@@ -150,7 +157,9 @@ class LLMEngine:
         outputs = [self._output(r, []) for r in self._aborted]
         self._aborted = []
         t0 = time.perf_counter()
+        self.in_step = [r.id for r in self.scheduler.running]  # what a failure in this step may have touched
         sched = self.scheduler.schedule()
+        self.in_step = [it.request.id for it in sched.items] + [r.id for r in sched.preempted]
         m = self.metrics
         m.schedule_s += time.perf_counter() - t0
         m.preemptions += len(sched.preempted)

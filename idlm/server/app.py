@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..config import ConfigError, DecodeConfig, SamplingParams, ServerConfig
-from ..engine import AsyncEngine, EngineDeadError
+from ..engine import AsyncEngine, EngineDeadError, EngineStepError
 from .errors import APIError, bad
 from .generation import ChoiceResult, Delta, Timing, collect, run_choice
 from .metrics import ServerMetrics
@@ -239,7 +239,9 @@ class Server:
                 pending.discard(watcher)
             results = [t.result() for t in tasks]
         except EngineDeadError as e:
-            raise APIError(503, f"the engine failed: {e}", code="engine_error") from None
+            raise APIError(503, f"the engine stopped: {e}", code="engine_dead") from None
+        except EngineStepError as e:
+            raise APIError(500, str(e), code="engine_error") from None
         finally:
             watcher.cancel()
             for t in tasks:

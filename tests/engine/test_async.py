@@ -8,7 +8,7 @@ import pytest
 
 from idlm.config import ConfigError, DecodeConfig, SamplingParams
 from idlm.decode import isd_generate
-from idlm.engine import AsyncEngine, EngineDeadError
+from idlm.engine import AsyncEngine, EngineDeadError, EngineStepError
 
 from ..decode.tiny import tiny_model
 from .test_engine import engine
@@ -94,3 +94,40 @@ def test_shutdown_drains_open_requests() -> None:
                 pass
 
     asyncio.run(main())
+
+
+def test_a_failing_step_fails_only_its_requests() -> None:
+    """A step that raises aborts the requests it ran (they get EngineStepError, their blocks are
+    freed); a request that was waiting is served afterwards, exactly, and the loop stays alive."""
+    model = tiny_model(seed=23, vocab=8)
+
+    async def main() -> None:
+        core = engine(model, max_running=1)
+        eng = AsyncEngine(core)
+        real_run = core.runner.run
+
+        def run(items, stationary=False):
+            if any(it.request.id == "poison" for it in items) and len(core.requests["poison"].output) >= 3:
+                raise RuntimeError("kernel exploded")
+            return real_run(items, stationary)
+
+        core.runner.run = run
+        eng.start()
+        poisoned = asyncio.create_task(_collect_id(eng, [1, 2, 3], "poison"))
+        await asyncio.sleep(0.01)
+        fine = asyncio.create_task(_collect(eng, [4, 5, 6], DecodeConfig(stride=3)))
+        with pytest.raises(EngineStepError, match="kernel exploded"):
+            await poisoned
+        tokens, outs = await fine
+        assert tokens == isd_generate(model, [4, 5, 6], DecodeConfig(stride=3), PARAMS).tokens
+        assert eng.alive and core.blocks.num_used == 0
+        await eng.shutdown(timeout=5)
+
+    asyncio.run(main())
+
+
+async def _collect_id(eng: AsyncEngine, prompt: list[int], rid: str) -> list[int]:
+    tokens = []
+    async for out in eng.generate(prompt, PARAMS, DecodeConfig(stride=3), request_id=rid):
+        tokens += out.new_token_ids
+    return tokens
