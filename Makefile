@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.idlm-installed
 
-.PHONY: demo test test-slow setup bench verify clean
+.PHONY: demo test test-slow setup bench verify clean browser-deps serve
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,21 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/idlm demo
 
-test: $(STAMP)
+# The playground test drives Debian's Chromium; installed here when missing and we may (root + apt).
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: chromium + chromium-driver are missing; the playground test will be skipped"; fi
+
+test: $(STAMP) browser-deps
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+serve: $(STAMP)
+	$(VENV)/bin/idlm serve
 
 verify: $(STAMP)
 	$(VENV)/bin/idlm verify --stride 3 --prompts 4 --max-new-tokens 128
