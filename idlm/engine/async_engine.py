@@ -144,7 +144,7 @@ class AsyncEngine:
                 try:
                     outs = eng.step()
                     failures = 0
-                except Exception as e:  # noqa: BLE001 - fail the step's requests, keep serving the rest
+                except Exception as e:  # keep serving the rest
                     failures += 1
                     if failures >= MAX_CONSECUTIVE_FAILURES:
                         raise

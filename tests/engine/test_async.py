@@ -118,7 +118,7 @@ def test_a_failing_step_fails_only_its_requests() -> None:
         fine = asyncio.create_task(_collect(eng, [4, 5, 6], DecodeConfig(stride=3)))
         with pytest.raises(EngineStepError, match="kernel exploded"):
             await poisoned
-        tokens, outs = await fine
+        tokens, _ = await fine
         assert tokens == isd_generate(model, [4, 5, 6], DecodeConfig(stride=3), PARAMS).tokens
         assert eng.alive and core.blocks.num_used == 0
         await eng.shutdown(timeout=5)

@@ -16,7 +16,7 @@ PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold ha
 
 def test_served_greedy_text_equals_idlm_generate(tmp_path) -> None:
     cli = subprocess.run([sys.executable, "-m", "idlm.cli", "generate", "--prompt", PROMPT, "--chat", "--json",
-                          "--max-new-tokens", "48", "--threads", "1"], capture_output=True, text=True, timeout=300)
+                          "--max-new-tokens", "48", "--threads", "1"], capture_output=True, text=True, timeout=300, check=False)
     assert cli.returncode == 0, cli.stderr
     want = json.loads(cli.stdout.strip().splitlines()[-1])["text"]
     s = start_server(None, tmp_path)
