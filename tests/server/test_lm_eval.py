@@ -74,8 +74,8 @@ def test_lm_eval_local_completions(server: Served, tmp_path: Path, tiny_chat_mod
     model = json.loads(__import__("httpx").get(server.url + "/v1/models").text)["data"][0]["id"]
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args",
-           f"model={model},base_url={server.url}/v1/completions,num_concurrent=2,max_retries=1,"
-           "tokenized_requests=True,tokenizer_backend=remote",
+           (f"model={model},base_url={server.url}/v1/completions,num_concurrent=2,max_retries=1,"
+           "tokenized_requests=True,tokenizer_backend=remote"),
            "--tasks", "idlm_local_ll,idlm_local_gen", "--include_path", str(tasks), "--output_path", str(out),
            "--log_samples"]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
