@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pad-windows", action="store_true", help="pad windows to their largest size")
     _add_fallback_arg(b, several=True)
     b.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
+    b.add_argument("--server", default=None, metavar="URL",
+                   help="bench a running OpenAI-compatible server over HTTP instead (e.g. http://127.0.0.1:8000): "
+                        "streaming chat requests, C in flight; requests/s, output tok/s, TTFT and inter-token "
+                        "latency p50/p99 for each mode (isd / ar); against idlm also the engine's own tok/s in the same run "
+                        "(tokens / time in engine steps) and their ratio")
+    b.add_argument("--api-key", default=None, help="with --server: the server's key (default $IDLM_API_KEY)")
     _add_engine_args(b)
     _add_model_args(b, "bf16")
 

@@ -150,9 +150,63 @@ def _list(text: str, flag: str, parse=int) -> list:
     return out
 
 
+def _bench_texts(args: argparse.Namespace) -> list[str]:
+    from .eval.prompts import BUILTIN_PROMPTS, gsm8k_questions, read_prompt_file
+
+    if args.prompt_file:
+        return read_prompt_file(args.prompt_file)[: args.prompts]
+    if args.prompt_set == "builtin":
+        return (BUILTIN_PROMPTS * (1 + args.prompts // len(BUILTIN_PROMPTS)))[: args.prompts]
+    return gsm8k_questions(args.prompts)
+
+
+def cmd_bench_http(args: argparse.Namespace) -> int:
+    """`idlm bench --server URL`: throughput and latency over HTTP; against an idlm server, side by side
+    with the engine's own throughput in the same run (from its /metrics)."""
+    import asyncio
+
+    import httpx
+
+    from .eval.http_bench import run_http, server_model
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("ar", "isd") for m in modes):
+        raise ConfigError("with --server, --modes takes ar and/or isd")
+    concurrency = _list(args.concurrency, "--concurrency")
+    stride = str(_parse_stride(args.stride))
+    texts = _bench_texts(args)
+    key = args.api_key or os.environ.get("IDLM_API_KEY")
+    try:
+        model = server_model(args.server, key)
+    except httpx.HTTPError as e:
+        raise ConfigError(f"--server {args.server}: no OpenAI-compatible server answers there ({e})") from None
+    rows = []
+    for c in concurrency:
+        for m in modes:
+            rows.append(asyncio.run(run_http(args.server, model, texts, m, stride, c, args.max_new_tokens,
+                                             key)).to_json())
+    print(f"server {args.server} (model {model}), {len(texts)} prompts, max {args.max_new_tokens} tokens, greedy, "
+          f"stride {stride}")
+    print(f"{'mode':<5}{'C':>4}{'req/s':>8}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}"
+          f"{'engine':>9}{'http/eng':>9}{'err':>5}")
+    for r in rows:
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        print(f"{r['mode']:<5}{r['concurrency']:>4}{r['requests_per_s']:>8.2f}{r['output_tokens_per_s']:>9.1f}"
+              f"{f(r['ttft_p50_s'], '.3f'):>10}{f(r['ttft_p99_s'], '.3f'):>8}{f(r['itl_p50_s'], '.4f'):>9}"
+              f"{f(r['itl_p99_s'], '.4f'):>8}{f(r.get('engine_tokens_per_s'), '.1f'):>9}"
+              f"{f(r.get('http_vs_engine'), '.3f'):>9}{r['errors']:>5}")
+    print(json.dumps({"server": args.server, "model": model, "prompts": len(texts),
+                      "max_new_tokens": args.max_new_tokens, "results": rows}))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .eval.bench import MODES, run_batch1, run_engine, run_hf
-    from .eval.prompts import BUILTIN_PROMPTS, encode, gsm8k_questions, read_prompt_file
+    from .eval.prompts import encode
+
+    if args.server:
+        return cmd_bench_http(args)
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -169,12 +223,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "isd-b1" in modes and all(c.auto for c in cfgs):
         raise ConfigError("isd-b1 (the batch-1 decoder) needs a fixed --stride; auto is the engine's (mode isd)")
     params = _sampling(args, ignore_eos=args.ignore_eos)
-    if args.prompt_file:
-        texts = read_prompt_file(args.prompt_file)[: args.prompts]
-    elif args.prompt_set == "builtin":
-        texts = (BUILTIN_PROMPTS * (1 + args.prompts // len(BUILTIN_PROMPTS)))[: args.prompts]
-    else:
-        texts = gsm8k_questions(args.prompts)
+    texts = _bench_texts(args)
     lm = _setup(args)
     tok = lm.tokenizer()
     prompts = [encode(tok, t, chat=True) for t in texts]

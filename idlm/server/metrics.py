@@ -43,6 +43,8 @@ class EngineCollector:
         yield counter("generation_tokens", "Output tokens committed.", m.generation_tokens)
         yield counter("num_preemptions", "Requests preempted (KV freed, recomputed later).", m.preemptions)
         yield counter("num_forwards", "Batched model forwards.", m.steps)
+        yield counter("engine_busy_seconds", "Time the engine loop spent in steps (schedule, forward, commit).",
+                      m.schedule_s + m.prepare_s + m.forward_s + m.postprocess_s)
         yield counter("spec_decode_num_drafts", "Verify steps (each checks one run of drafts).", m.verify_steps)
         yield counter("spec_decode_num_draft_tokens", "Draft tokens verified.", sum(m.proposed_at))
         yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", sum(m.accepted_at))

@@ -221,3 +221,21 @@ def test_sigterm_drains_then_exits_0(tiny_chat_model, tmp_path) -> None:
     finals = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in got["lines"] if x.startswith("data: {")]
     assert finals[-1] == "length"
     assert s.proc.wait(60) == 0
+
+
+def test_bench_over_http_reads_the_engines_own_throughput(server: Served) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "idlm.cli", "bench", "--server", server.url, "--modes", "ar,isd",
+                        "--concurrency", "1,2", "--prompts", "3", "--prompt-set", "builtin", "--max-new-tokens", "6"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])["results"]
+    assert [(x["mode"], x["concurrency"]) for x in res] == [("ar", 1), ("isd", 1), ("ar", 2), ("isd", 2)]
+    for x in res:
+        assert x["requests"] == 3 and x["errors"] == 0 and x["output_tokens_per_s"] > 0
+        assert x["ttft_p50_s"] > 0 and 0 < x["http_vs_engine"] <= 1.05
+    bad = subprocess.run([sys.executable, "-m", "idlm.cli", "bench", "--server", "http://127.0.0.1:9"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "idlm: error:" in bad.stderr
