@@ -30,8 +30,9 @@ def default_model_name(model: str | None) -> str:
     return name.removesuffix(".gguf")
 
 
-def load_into(state: ServerState) -> None:
-    """Load the model, tokenizer and engine into ``state`` (runs in a thread while HTTP is up)."""
+def load_into(state: ServerState, server: DrainingServer | None = None) -> None:
+    """Load the model, tokenizer and engine into ``state`` (runs in a thread while HTTP is up). If
+    loading fails, the error is kept (``/health`` says it) and the server is told to exit."""
     from ..commands import DTYPES
     from ..engine import AsyncEngine, EngineConfig, LLMEngine
     from ..model import load_model
@@ -57,9 +58,13 @@ def load_into(state: ServerState) -> None:
         aeng = AsyncEngine(engine)
         aeng.start()
         state.engine = aeng
-    except Exception as e:  # noqa: BLE001 - reported on /health and to every request
-        state.load_error = " ".join(f"{type(e).__name__}: {e}".split())
-        log.error("idlm: the model failed to load: %s", state.load_error)
+    except Exception as e:  # noqa: BLE001 - reported on /health, then the process exits 2
+        from ..commands import USER_ERRORS
+
+        why = str(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}"
+        state.load_error = " ".join(why.split())
+        if server is not None:
+            server.should_exit = True
         return
     url = f"http://{cfg.host}:{cfg.port}"
     print(f"idlm: serving {state.model_name} at {url} (OpenAI API at {url}/v1, playground at {url}/)", flush=True)
@@ -115,6 +120,9 @@ def serve(cfg: ServerConfig) -> int:
     app = build_app(state)
     server = DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                                            timeout_graceful_shutdown=5, access_log=False), state)
-    threading.Thread(target=load_into, args=(state,), name="idlm-load", daemon=True).start()
+    threading.Thread(target=load_into, args=(state, server), name="idlm-load", daemon=True).start()
     server.run()
-    return 0 if state.load_error is None else 1
+    if state.load_error is not None:
+        print(f"idlm: error: the model failed to load: {state.load_error}", file=sys.stderr)
+        return 2
+    return 0

@@ -239,3 +239,15 @@ def test_bench_over_http_reads_the_engines_own_throughput(server: Served) -> Non
     bad = subprocess.run([sys.executable, "-m", "idlm.cli", "bench", "--server", "http://127.0.0.1:9"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "idlm: error:" in bad.stderr
+
+
+def test_a_model_that_cannot_load_exits_2_with_one_line() -> None:
+    import subprocess
+    import sys
+
+    from .conftest import free_port
+
+    r = subprocess.run([sys.executable, "-m", "idlm.cli", "serve", "--model", "/nonexistent/model",
+                        "--port", str(free_port())], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert r.stderr.startswith("idlm: error:") and "/nonexistent/model" in r.stderr
