@@ -35,7 +35,7 @@ from .request import Request
 
 PRIOR_ACCEPT = 0.75  # acceptance assumed for a draft position never measured: optimistic, so drafts get tried
 PRIOR_WEIGHT = 4.0  # pseudo-counts of that prior (engine-wide) / of the engine-wide rate (per request)
-WIDER_MARGIN = 0.05  # a wider window must promise this much more throughput than the narrower best so far:
+WIDER_MARGIN = 0.15  # a wider window must promise this much more throughput than the narrower best so far:
 # near break-even the prediction's error decides, and a wrong wide choice costs more than a wrong narrow one
 CORRECTION_EMA = 0.2  # weight of the newest step in the learned correction of the calibration
 CALIBRATION_ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)

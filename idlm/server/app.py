@@ -504,12 +504,16 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat(request: Request):
         return await srv.generate(request, parse_chat(await read_json(request, limit)))
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
+    async def object_body(request: Request) -> dict:
         body = await read_json(request, limit)
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object", None, "invalid_json")
-        srv.engine()
+        srv.engine()  # the tokenizer exists once the engine does
+        return body
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await object_body(request)
         if "messages" in body:
             from .protocol import _messages
 
@@ -528,10 +532,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        body = await read_json(request, limit)
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object", None, "invalid_json")
-        srv.engine()
+        body = await object_body(request)
         from .protocol import _token_ids
 
         ids = _token_ids(body.get("tokens"), "tokens")

@@ -8,7 +8,7 @@ import torch
 from idlm.config import DecodeConfig, SamplingParams
 from idlm.decode import ar_generate, isd_generate
 
-from .tiny import OracleLM, tiny_model
+from .tiny import OracleLM, tiny_model, tiny_risd_pair
 
 SEQ = list(range(1, 41))  # the oracle's text: 1, 2, ..., 40
 PROMPT = SEQ[:5]
@@ -128,16 +128,7 @@ def test_empty_prompt_rejected() -> None:
 
 def test_risd_gated_lora_keeps_base_greedy_output() -> None:
     """With gated LoRA (gate on draft MASKs only) the anchor is the base model: ISD == base AR."""
-    from idlm.model.lora import add_lora
-
-    base = tiny_model(seed=11)
-    adapted = tiny_model(seed=11)
-    add_lora(adapted, rank=4, alpha=8.0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in adapted.named_parameters():
-            if "lora_B" in name or "mask_row" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
+    base, adapted = tiny_risd_pair(11)
     assert adapted.has_adapters and not base.has_adapters
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     prompt = [4, 8, 15, 16, 23, 42]

@@ -104,3 +104,18 @@ class MarkovLM:
         ids = h[..., 0].long()
         is_mask = ids == self.cfg.mask_token_id
         return torch.where(is_mask[..., None], self.draft, self.anchor[ids.clamp_max(len(self.anchor) - 1)])
+
+
+def tiny_risd_pair(seed: int, vocab: int = 96) -> tuple[Decoder, Decoder]:
+    """(base, the same base with a random gated LoRA adapter and MASK row): for R-ISD losslessness tests."""
+    from idlm.model.lora import add_lora
+
+    base = tiny_model(seed=seed, vocab=vocab)
+    adapted = tiny_model(seed=seed, vocab=vocab)
+    add_lora(adapted, rank=4, alpha=8.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name or "mask_row" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return base, adapted

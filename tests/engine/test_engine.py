@@ -14,7 +14,7 @@ from idlm.config import ConfigError, DecodeConfig, SamplingParams
 from idlm.decode import ar_generate, isd_generate
 from idlm.engine import CostModel, EngineConfig, LLMEngine
 
-from ..decode.tiny import tiny_model
+from ..decode.tiny import tiny_model, tiny_risd_pair
 
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
 FLAT_COST = CostModel([1, 1000], [0.01, 0.0100001])  # rows are free: the policy drafts as much as it can
@@ -210,16 +210,7 @@ def test_logprobs_are_the_anchor_distribution_of_each_committed_token() -> None:
 
 
 def test_risd_adapter_in_a_batch_keeps_each_request_the_base_models_greedy_output() -> None:
-    from idlm.model.lora import add_lora
-
-    base = tiny_model(seed=13, vocab=8)
-    adapted = tiny_model(seed=13, vocab=8)
-    add_lora(adapted, rank=4, alpha=8.0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in adapted.named_parameters():
-            if "lora_B" in name or "mask_row" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
+    base, adapted = tiny_risd_pair(13, vocab=8)
     adapted.requires_grad_(False)
     items = [(p, GREEDY, MIXED[i % len(MIXED)]) for i, p in enumerate(prompts(8, seed=6))]
     got = run(engine(adapted, max_running=8), items, late=3)
