@@ -94,6 +94,14 @@ class Request:
         return len(self.prompt) + max(0, len(self.output) - 1)
 
     @property
+    def adaptive(self) -> bool:
+        """The engine may choose this request's window each step: it asked for auto stride or
+        fallback, and no choice can change its tokens (greedy, or coupled sampling, whose randomness
+        is keyed by output index). Exact / reference sampling draws its randomness in window order,
+        so a seeded request there keeps one fixed window (its stride, fallback on) in any batch."""
+        return self.decode.adaptive and (self.params.greedy or self.decode.sampling_mode == "coupled")
+
+    @property
     def scores_prompt(self) -> bool:
         """The first prefill must read every prompt row's logits (prompt logprobs asked, not done)."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt)

@@ -120,12 +120,12 @@ class Scheduler:
 
     def _decode_items(self, preempted: list[Request]) -> list[ScheduledItem]:
         decoding = [r for r in self.running if not r.prefilling]
-        adaptive = [r for r in decoding if r.decode.adaptive]
+        adaptive = [r for r in decoding if r.adaptive]
         chosen = {}
         if adaptive and self.policy is not None:
             other = sum(min(r.committed_len - r.num_computed, self.cfg.max_batched_tokens)
                         for r in self.running if r.prefilling)
-            other += sum(r.decode.window for r in decoding if not r.decode.adaptive)
+            other += sum(r.decode.window for r in decoding if not r.adaptive)
             chosen = self.policy.choose(adaptive, other)
         items = []
         for req in decoding:

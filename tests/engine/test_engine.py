@@ -80,8 +80,12 @@ def test_seeded_sampled_request_same_alone_and_in_a_batch_of_8(mode: str) -> Non
     solo = run(engine(model, max_running=1), [(p, mine, cfg)])
     others = [(q, SamplingParams(temperature=0.9, seed=100 + i, max_new_tokens=30, ignore_eos=True),
                MIXED[i % len(MIXED)]) for i, q in enumerate(prompts(7, seed=1))]
-    batch = run(engine(model, max_running=8), others[:3] + [(p, mine, cfg)] + others[3:], late=4)
-    assert next(iter(solo.values())) == list(batch.values())[3] == isd_generate(model, p, cfg, mine).tokens
+    want = isd_generate(model, p, cfg, mine).tokens
+    assert next(iter(solo.values())) == want
+    # whatever the load makes the window policy choose for the others (drafts free / drafts ruinous)
+    for cost in (FLAT_COST, CostModel([1, 1000], [0.01, 10.0])):
+        batch = run(engine(model, cost=cost, max_running=8), others[:3] + [(p, mine, cfg)] + others[3:], late=4)
+        assert list(batch.values())[3] == want
 
 
 def test_coupled_sampling_same_with_auto_stride_and_ar() -> None:
