@@ -172,12 +172,12 @@ class Correction:
     The calibration times one sequence over a fixed prefix; an engine step also gathers every
     request's keys, attends over its real context and runs the adapter on scattered rows, so the
     true cost differs, by an amount that changes with the load. A row count never observed takes
-    the engine-wide factor, so an untried window is judged by what the others showed."""
+    the largest factor observed so far: an untried window is assumed as costly, relative to its
+    calibration, as the worst one seen, so exploring wider windows under load stays rare."""
 
     def __init__(self, points: list[int]):
         self.points = points
         self.factors: list[float | None] = [None] * len(points)
-        self.overall: float | None = None
 
     def _weights(self, rows: float) -> list[tuple[int, float]]:
         i = bisect.bisect_left(self.points, rows)
@@ -190,13 +190,13 @@ class Correction:
         return [(i - 1, 1.0 - w), (i, w)]
 
     def __call__(self, rows: float) -> float:
-        base = 1.0 if self.overall is None else self.overall
+        seen = [f for f in self.factors if f is not None]
+        base = max(seen) if seen else 1.0
         return sum(w * (base if self.factors[i] is None else self.factors[i]) for i, w in self._weights(rows))
 
     def update(self, rows: float, ratio: float) -> None:
-        self.overall = ratio if self.overall is None else self.overall + CORRECTION_EMA * (ratio - self.overall)
         for i, w in self._weights(rows):
-            f = self.factors[i] if self.factors[i] is not None else self.overall
+            f = self.factors[i] if self.factors[i] is not None else ratio
             self.factors[i] = f + CORRECTION_EMA * w * (ratio - f)
 
 
@@ -259,7 +259,10 @@ class WindowPolicy:
                 tokens, rows, g = 0.0, float(other_rows), 0.0
                 for a, r in zip(accepts, requests):
                     n, use_fb = self._window(r, n_auto, fb)
-                    tokens += expected_tokens(a, n, use_fb)
+                    t = expected_tokens(a, n, use_fb)
+                    if n > 1 and not (r.state is not None and r.state.specs):
+                        t = (1.0 + t) / 2  # no drafts to verify yet: this step is cold, the gain starts next step
+                    tokens += t
                     w, wg = window_rows(n, use_fb, a)
                     rows, g = rows + w, g + wg
                 rate = tokens / self.predict(rows, g if gated else 0)
