@@ -37,6 +37,7 @@ PRIOR_ACCEPT = 0.75  # acceptance assumed for a draft position never measured: o
 PRIOR_WEIGHT = 4.0  # pseudo-counts of that prior (engine-wide) / of the engine-wide rate (per request)
 WIDER_MARGIN = 0.15  # a wider window must promise this much more throughput than the narrower best so far:
 # near break-even the prediction's error decides, and a wrong wide choice costs more than a wrong narrow one
+SWITCH_HORIZON = 4  # steps over which switching from AR to drafting pays back its cold first step
 CORRECTION_EMA = 0.2  # weight of the newest step in the learned correction of the calibration
 CALIBRATION_ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
 
@@ -261,7 +262,9 @@ class WindowPolicy:
                     n, use_fb = self._window(r, n_auto, fb)
                     t = expected_tokens(a, n, use_fb)
                     if n > 1 and not (r.state is not None and r.state.specs):
-                        t = (1.0 + t) / 2  # no drafts to verify yet: this step is cold, the gain starts next step
+                        # no drafts to verify yet: this step is cold and the gain starts with the next one;
+                        # averaged over the steps a choice usually lasts
+                        t = (1.0 + (SWITCH_HORIZON - 1) * t) / SWITCH_HORIZON
                     tokens += t
                     w, wg = window_rows(n, use_fb, a)
                     rows, g = rows + w, g + wg
