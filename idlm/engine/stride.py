@@ -35,8 +35,8 @@ from .request import Request
 
 PRIOR_ACCEPT = 0.75  # acceptance assumed for a draft position never measured: optimistic, so drafts get tried
 PRIOR_WEIGHT = 4.0  # pseudo-counts of that prior (engine-wide) / of the engine-wide rate (per request)
-WIDER_MARGIN = 0.15  # a wider window must promise this much more throughput than the narrower best so far:
-# near break-even the prediction's error decides, and a wrong wide choice costs more than a wrong narrow one
+DRAFT_MARGIN = 0.15  # auto stride drafts only if that promises this much more throughput than AR: near break-even
+# the prediction's error decides, and a wrong drafting step costs more than a wrong AR step
 SWITCH_HORIZON = 4  # steps over which switching from AR to drafting pays back its cold first step
 CORRECTION_EMA = 0.2  # weight of the newest step in the learned correction of the calibration
 CALIBRATION_ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
@@ -254,7 +254,7 @@ class WindowPolicy:
         gated = self.model.has_adapters
         accepts = [self.acceptance(r) for r in requests]
         any_auto = any(r.decode.auto for r in requests)
-        best, best_rate = (0, False), -1.0
+        rates = {}
         for n_auto in (range(1, self.max_stride + 1) if any_auto else (0,)):
             for fb in (False, True):
                 tokens, rows, g = 0.0, float(other_rows), 0.0
@@ -268,9 +268,11 @@ class WindowPolicy:
                     tokens += t
                     w, wg = window_rows(n, use_fb, a)
                     rows, g = rows + w, g + wg
-                rate = tokens / self.predict(rows, g if gated else 0)
-                if rate > best_rate * (1.0 + WIDER_MARGIN if best_rate > 0 else 1.0):
-                    best, best_rate = (n_auto, fb), rate
+                rates[(n_auto, fb)] = tokens / self.predict(rows, g if gated else 0)
+        drafting = {k: v for k, v in rates.items() if k[0] != 1}
+        best = max(drafting, key=drafting.get)
+        if (1, False) in rates and drafting[best] <= rates[(1, False)] * (1.0 + DRAFT_MARGIN):
+            best = (1, False)  # drafting must clearly beat plain AR: near break-even the prediction's error decides
         self.chosen[best] += 1
         out = {}
         for r in requests:
