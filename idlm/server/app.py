@@ -31,6 +31,7 @@ from .protocol import GenerationRequest, parse_chat, parse_completion
 
 log = logging.getLogger("idlm.server")
 STATIC = Path(__file__).parent / "static"
+MAX_WINDOW = DecodeConfig(stride=8).window  # the widest ISD window a request may need on top of its text
 FIELD_NAMES = {"max_new_tokens": "max_tokens", "prompt": "prompt", "stride": "stride", "mode": "mode"}
 
 
@@ -184,8 +185,9 @@ class Server:
         choices = []
         for pi, (ids, text) in enumerate(prompts):
             max_tokens = req.max_tokens
-            if max_tokens is None:
-                max_tokens = 16 if req.kind == "completion" else max(1, s.max_model_len - len(ids))
+            if max_tokens is None:  # completions: 16; chat: the rest of the context (and of the KV pool)
+                pool = engine.engine.blocks.num_total * engine.engine.blocks.block_size - MAX_WINDOW
+                max_tokens = 16 if req.kind == "completion" else max(1, min(s.max_model_len, pool) - len(ids))
             self.check_prompt(ids, max_tokens)
             for k in range(req.n):
                 r = req if req.seed is None or k == 0 else _with_seed(req, req.seed + k)

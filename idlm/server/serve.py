@@ -50,7 +50,9 @@ def load_into(state: ServerState, server: DrainingServer | None = None) -> None:
         if cfg.stride == "auto":
             _ = engine.stride_policy.cost  # calibrate now (cached on disk), not on the first request
         # warm the kernels on a short request so the first client does not pay for it
-        engine.generate([tok("warm up")["input_ids"] or [0]], None, None)
+        from ..config import SamplingParams
+
+        engine.generate([tok("warm up")["input_ids"][:4] or [0]], SamplingParams(max_new_tokens=4))
         engine.metrics.__init__(kv_blocks_total=engine.blocks.num_total)
         state.tokenizer = tok
         state.vocab_size = lm.model.cfg.vocab_size

@@ -251,3 +251,19 @@ def test_a_model_that_cannot_load_exits_2_with_one_line() -> None:
                         "--port", str(free_port())], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert r.stderr.startswith("idlm: error:") and "/nonexistent/model" in r.stderr
+
+
+def test_chat_default_max_tokens_fits_a_small_kv_pool(tiny_chat_model, tmp_path) -> None:
+    """Chat's default max_tokens is the rest of the context, capped by what the KV pool can hold, so a
+    request without max_tokens is served (not refused) when the pool is smaller than the context."""
+    s = start_server(tiny_chat_model, tmp_path, "--kv-cache-gb", "0.0001", "--dtype", "fp32")
+    try:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "ignore_eos": True}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert r.json()["choices"][0]["finish_reason"] == "length" and 0 < usage["completion_tokens"] < 1024
+        too_long = httpx.post(s.url + "/v1/chat/completions", json={**body, "max_tokens": 900}, timeout=30)
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+    finally:
+        s.stop()
