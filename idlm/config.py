@@ -160,11 +160,7 @@ class ServerConfig:
     threads: int | None = None  # torch CPU threads (default: all cores)
 
     def __post_init__(self) -> None:
-        if self.stride != AUTO and (not _is_int(self.stride) or not MIN_STRIDE <= self.stride <= MAX_STRIDE):
-            raise ConfigError(f"--stride must be an integer in {MIN_STRIDE}..{MAX_STRIDE} or 'auto', "
-                              f"got {self.stride!r}", "stride")
-        if self.mode not in ("isd", "ar"):
-            raise ConfigError(f"--mode must be 'isd' or 'ar', got {self.mode!r}", "mode")
+        DecodeConfig(mode=self.mode, stride=self.stride)  # the server's default decoding: same rules, same errors
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}", "port")
         for name in ("max_running", "max_batched_tokens", "max_body_bytes"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import itertools
 import json
 import platform
 import time
@@ -53,7 +54,7 @@ class CostModel:
 
     def __post_init__(self) -> None:
         # more rows never cost less: a noisy calibration point below an earlier one is raised to it
-        self.seconds = [max(self.seconds[: i + 1]) for i in range(len(self.seconds))]
+        self.seconds = list(itertools.accumulate(self.seconds, max))
 
     def __call__(self, rows: int, gated: int = 0) -> float:
         i = bisect.bisect_left(self.rows, rows)

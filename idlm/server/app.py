@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..config import ConfigError, DecodeConfig, SamplingParams, ServerConfig
+from ..config import MAX_STRIDE, ConfigError, DecodeConfig, SamplingParams, ServerConfig
 from ..engine import AsyncEngine, EngineDeadError, EngineStepError
 from .errors import APIError, bad
 from .generation import ChoiceResult, Delta, Timing, collect, run_choice
@@ -31,8 +31,8 @@ from .protocol import GenerationRequest, parse_chat, parse_completion
 
 log = logging.getLogger("idlm.server")
 STATIC = Path(__file__).parent / "static"
-MAX_WINDOW = DecodeConfig(stride=8).window  # the widest ISD window a request may need on top of its text
-FIELD_NAMES = {"max_new_tokens": "max_tokens", "prompt": "prompt", "stride": "stride", "mode": "mode"}
+MAX_WINDOW = DecodeConfig(stride=MAX_STRIDE).window  # the widest ISD window a request may need on top of its text
+FIELD_NAMES = {"max_new_tokens": "max_tokens"}  # engine field -> OpenAI field, where they differ
 
 
 @dataclass
@@ -47,7 +47,6 @@ class ServerState:
     draining: bool = False
     load_error: str | None = None
     active: int = 0  # choices admitted and not finished
-    chat_template: str | None = None
     loop: asyncio.AbstractEventLoop | None = None
     started: float = field(default_factory=time.time)
 
@@ -117,11 +116,7 @@ class Server:
         return list(self.s.tokenizer(text)["input_ids"])
 
     def check_prompt(self, ids: list[int], max_tokens: int) -> None:
-        s = self.s
-        if not ids:
-            raise bad("the prompt encodes to no tokens", "prompt")
-        if any(t >= s.vocab_size for t in ids):
-            raise bad(f"prompt token ids must be < the vocabulary size {s.vocab_size} (out of vocabulary)", "prompt")
+        s = self.s  # empty and out-of-vocabulary prompts are the engine's to refuse (``validate``)
         if len(ids) + max_tokens > s.max_model_len:
             raise APIError(400, f"This model's maximum context length is {s.max_model_len} tokens. However, you "
                                 f"requested {max_tokens} output tokens and your prompt contains at least "
@@ -258,14 +253,14 @@ class Server:
         timings = [Timing(start) for _ in choices]
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(c: _Choice, t: Timing):
+        async def pump(i: int):
             try:
-                async for d in self._deltas(rid, c, t):
-                    await queue.put((c, d))
+                async for d in self._deltas(rid, choices[i], timings[i]):
+                    await queue.put((i, d))
             except Exception as e:  # noqa: BLE001 - reported to the client as an error chunk
-                await queue.put((c, e))
+                await queue.put((i, e))
 
-        tasks = [asyncio.create_task(pump(c, t)) for c, t in zip(choices, timings)]
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(choices))]
         open_choices = len(choices)
         results = [ChoiceResult() for _ in choices]
         finished_ok = False
@@ -274,17 +269,17 @@ class Server:
                 for c in choices:
                     yield _sse(self._chunk(req, rid, created, c.index, {"role": "assistant", "content": ""}, None))
             while open_choices:
-                c, d = await queue.get()
+                i, d = await queue.get()
+                c = choices[i]
                 if isinstance(d, BaseException):
                     err = APIError(500, f"the engine failed: {d}", code="engine_error")
                     yield _sse(err.body())
                     yield "data: [DONE]\n\n"
                     return
-                r = results[choices.index(c)]
-                await collect(_one(d), r)
+                results[i].add(d)
                 if d.finish_reason is not None:
                     open_choices -= 1
-                    self._finish(c, timings[choices.index(c)], d.finish_reason)
+                    self._finish(c, timings[i], d.finish_reason)
                 if d.text or d.finish_reason is not None or (c.want_lps and d.token_ids):
                     yield _sse(self._delta_chunk(req, rid, created, c, d))
             if req.include_usage:
@@ -329,8 +324,7 @@ class Server:
         if c.want_lps:
             extra["logprobs"] = self._logprobs(req, d.logprobs)
         delta = {"content": d.text} if req.kind == "chat" else d.text
-        chunk = self._chunk(req, rid, created, c.index, delta, d.finish_reason, extra)
-        return chunk
+        return self._chunk(req, rid, created, c.index, delta, d.finish_reason, extra)
 
     def _logprobs(self, req: GenerationRequest, lps, prompt: tuple[list[int], list] | None = None) -> dict:
         """OpenAI logprobs: chat ``{"content": [...]}``; completions ``{"tokens", "token_logprobs",
@@ -408,10 +402,6 @@ class _Choice:
     @property
     def want_lps(self) -> bool:
         return self.params.logprobs is not None
-
-
-async def _one(d: Delta):
-    yield d
 
 
 def _with_seed(req: GenerationRequest, seed: int) -> GenerationRequest:

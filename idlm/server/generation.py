@@ -33,7 +33,7 @@ class Delta:
 
 @dataclass
 class ChoiceResult:
-    """A finished choice, accumulated (non-streaming responses)."""
+    """A choice's deltas, accumulated (the non-streaming body; usage when streaming)."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -42,7 +42,14 @@ class ChoiceResult:
     finish_reason: str = "abort"
     stop_reason: str | int | None = None
     stats: DecodeStats | None = None
-    prompt_logprobs: list | None = None
+
+    def add(self, d: Delta) -> None:
+        self.text += d.text
+        self.token_ids += d.token_ids
+        self.logprobs += d.logprobs
+        self.drafted += d.drafted
+        if d.finish_reason is not None:
+            self.finish_reason, self.stop_reason, self.stats = d.finish_reason, d.stop_reason, d.stats
 
 
 class Timing:
@@ -111,10 +118,5 @@ async def run_choice(engine: AsyncEngine, tokenizer, request_id: str, prompt_ids
 
 async def collect(deltas: AsyncIterator[Delta], result: ChoiceResult) -> ChoiceResult:
     async for d in deltas:
-        result.text += d.text
-        result.token_ids += d.token_ids
-        result.logprobs += d.logprobs
-        result.drafted += d.drafted
-        if d.finish_reason is not None:
-            result.finish_reason, result.stop_reason, result.stats = d.finish_reason, d.stop_reason, d.stats
+        result.add(d)
     return result
