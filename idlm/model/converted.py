@@ -32,6 +32,7 @@ class ConvertedMeta:
     lora_rank: int = 0  # LoRA rank (lora mode)
     lora_alpha: float = 0.0  # LoRA alpha (lora mode)
     lora_targets: tuple[str, ...] = ()  # adapted projections (lora mode)
+    attention: str = "causal"  # noisy-half training mask: causal (I-DLM) | bidirectional-block (SDAR baseline)
     format_version: int = 1
 
     @classmethod

@@ -133,7 +133,7 @@ def _pad_part(size: int, pad_id: int) -> _Part:
 
 
 def _row(samples: list[Sample], m: int, n: int, block: int, mask_id: int, pad_id: int,
-         trim_prompt: bool) -> dict[str, torch.Tensor]:
+         trim_prompt: bool, attention: str) -> dict[str, torch.Tensor]:
     parts = [_halves(s, block, mask_id, trim_prompt) for s in samples]
     noisy, clean = [p[0] for p in parts], [p[1] for p in parts]
     sid_noisy = [i for i, p in enumerate(noisy) for _ in p.ids]
@@ -149,14 +149,14 @@ def _row(samples: list[Sample], m: int, n: int, block: int, mask_id: int, pad_id
     layout = RowLayout(torch.tensor(sid), torch.tensor(cat(noisy, "loc") + cat(clean, "loc")),
                        torch.arange(m + n) >= m)
     ids = torch.tensor(cat(noisy, "ids") + cat(clean, "ids"))
-    return {"input_ids": ids, "positions": layout.loc, "attn_mask": training_mask(layout, block),
+    return {"input_ids": ids, "positions": layout.loc, "attn_mask": training_mask(layout, block, attention),
             "gate": (ids[:m] == mask_id).float(), "noisy_targets": torch.tensor(cat(noisy, "targets")),
             "clean_targets": torch.tensor(cat(clean, "targets")),
             "draft_k": torch.tensor(cat(noisy, "draft_k"))}
 
 
 def collate(rows: list[list[Sample]], block: int, mask_id: int, pad_id: int = 0, pad_multiple: int = 8,
-            trim_prompt: bool = True) -> TrainBatch:
+            trim_prompt: bool = True, attention: str = "causal") -> TrainBatch:
     """Build a micro-batch from packed rows (each a list of samples sharing one row)."""
     if block < 1:
         raise ValueError(f"training block size must be >= 1, got {block}")
@@ -169,7 +169,7 @@ def collate(rows: list[list[Sample]], block: int, mask_id: int, pad_id: int = 0,
 
     m = round_up(max(sum(noisy_len(s) for s in row) for row in rows))
     n = round_up(max(sum(len(s) for s in row) for row in rows))
-    built = [_row(row, m, n, block, mask_id, pad_id, trim_prompt) for row in rows]
+    built = [_row(row, m, n, block, mask_id, pad_id, trim_prompt, attention) for row in rows]
     stacked = {k: torch.stack([b[k] for b in built]) for k in built[0]}
     flat = [s for row in rows for s in row]
     return TrainBatch(**stacked, block=block, n_samples=len(flat),

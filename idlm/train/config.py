@@ -11,6 +11,8 @@ import ast
 import inspect
 from dataclasses import dataclass, fields
 
+from .mask import ATTENTIONS
+
 MODES = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_LR = {"full": 1e-5, "lora": 2e-4}  # spec §2.4 (full), [FORK-R] LoRA recipe (lora)
@@ -53,6 +55,8 @@ class ConvertConfig:
     out: str  # output directory: converted model or adapter, idlm_convert.json, train_log.jsonl, checkpoint/
     model: str | None = None  # base model (folder, .gguf, hub id); default: embedded SmolLM2-135M-Instruct
     mode: str = "lora"  # full = all weights (I-DLM); lora = gated LoRA on MASKs only (R-ISD, lossless)
+    attention: str = "causal"  # noisy-half mask: causal = I-DLM's strict causal (spec 1.4); bidirectional-block
+    #   = the SDAR-style baseline (MASKs see their whole block), for `idlm iar` comparisons; ISD needs causal
     stages: str = "3:200"  # stride curriculum N:STEPS,...; stage N trains B = N-1 MASKs per block
     lr: float = 0.0  # peak learning rate; 0 = 1e-5 for full, 2e-4 for lora
     weight_decay: float = 0.0  # AdamW weight decay
@@ -89,6 +93,8 @@ class ConvertConfig:
         if not self.data:
             raise ValueError("--data: give at least one JSONL file")
         parse_stages(self.stages)
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         positive = ("grad_accum", "batch_rows", "row_tokens", "max_len", "lora_rank", "log_every",
                     "loss_chunk")
         for name in positive:

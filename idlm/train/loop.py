@@ -244,7 +244,7 @@ class Trainer:
             block_size=stage.block, stride=stage.stride, steps=self.state.step,
             lora_rank=cfg.lora_rank if cfg.mode == "lora" else 0,
             lora_alpha=cfg.lora_alpha if cfg.mode == "lora" else 0.0,
-            lora_targets=cfg.target_list if cfg.mode == "lora" else ())
+            lora_targets=cfg.target_list if cfg.mode == "lora" else (), attention=cfg.attention)
         return save_converted(self.model, self.out, meta, self.base_folder)
 
     def _barrier(self) -> None:
@@ -256,7 +256,8 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         first = self.state.step * cfg.grad_accum
         return [collate(self.stream.rows((first + a) * d.world + d.rank, cfg.batch_rows), stage.block,
-                        self.model.cfg.mask_token_id, trim_prompt=cfg.trim_prompt).to(self.device)
+                        self.model.cfg.mask_token_id, trim_prompt=cfg.trim_prompt,
+                        attention=cfg.attention).to(self.device)
                 for a in range(cfg.grad_accum)]
 
     def _all_sum(self, values: list[float]) -> list[float]:

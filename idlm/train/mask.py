@@ -13,6 +13,10 @@ Query q may attend key k iff they are in the same sample and one of the three ru
 2. q noisy, k clean, ``blk(q) > blk(k)``           (noisy → clean of strictly earlier blocks)
 3. both clean, ``loc(q) >= loc(k)``                (plain causal on the clean side)
 
+``attention="bidirectional-block"`` is the SDAR-style baseline the paper contrasts I-DLM with
+(``use_regular_causal=False`` in the reference): rule 1 drops ``loc(q) >= loc(k)``, so a noisy token
+sees every noisy token of its own block, before and after it. Rules 2 and 3 are unchanged.
+
 Because the rules only look at this metadata, the order of tokens in a row does not matter: the
 spec's interleaved packing ``[x_t^1, x_0^1, x_t^2, x_0^2, ...]`` and our grouped layout
 ``[x_t^1, x_t^2, ... | x_0^1, x_0^2, ...]`` give the same attention up to a permutation. We use the
@@ -36,10 +40,16 @@ class RowLayout:
     clean: torch.Tensor  # bool: True = x_0 half, False = x_t half
 
 
-def training_mask(layout: RowLayout, block: int) -> torch.Tensor:
-    """(..., T, T) bool, True = may attend; the three rules of spec §1.4, per sample."""
+ATTENTIONS = ("causal", "bidirectional-block")
+
+
+def training_mask(layout: RowLayout, block: int, attention: str = "causal") -> torch.Tensor:
+    """(..., T, T) bool, True = may attend; the three rules of spec §1.4, per sample (rule 1 without
+    its causal condition for ``attention="bidirectional-block"``)."""
     if block < 1:
         raise ValueError(f"training block size must be >= 1, got {block}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
     s, loc, clean = layout.sample, layout.loc, layout.clean
     blk = loc // block
     same = s[..., :, None] == s[..., None, :]
@@ -47,7 +57,7 @@ def training_mask(layout: RowLayout, block: int) -> torch.Tensor:
     q_clean, k_clean = clean[..., :, None], clean[..., None, :]
     same_blk = blk[..., :, None] == blk[..., None, :]
     earlier_blk = blk[..., :, None] > blk[..., None, :]
-    rule1 = ~q_clean & ~k_clean & same_blk & causal
+    rule1 = ~q_clean & ~k_clean & same_blk & (causal if attention == "causal" else True)
     rule2 = ~q_clean & k_clean & earlier_blk
     rule3 = q_clean & k_clean & causal
     return same & (rule1 | rule2 | rule3)
@@ -72,6 +82,6 @@ def packed_layout(lengths: list[int], interleaved: bool = False) -> RowLayout:
     return RowLayout(*(torch.cat(p) for p in zip(*parts)))
 
 
-def idlm_mask(length: int, block: int) -> torch.Tensor:
+def idlm_mask(length: int, block: int, attention: str = "causal") -> torch.Tensor:
     """(2L, 2L) mask of one unpacked sample."""
-    return training_mask(single_layout(length), block)
+    return training_mask(single_layout(length), block, attention)

@@ -11,15 +11,16 @@ from idlm.train.batch import Sample, collate
 from idlm.train.mask import idlm_mask, packed_layout, single_layout, training_mask
 
 
-def rule_mask(length: int, block: int) -> torch.Tensor:
-    """Spec §1.4 written out literally over the 2L concatenation (slow, obviously right)."""
+def rule_mask(length: int, block: int, bidirectional: bool = False) -> torch.Tensor:
+    """Spec §1.4 written out literally over the 2L concatenation (slow, obviously right); with
+    ``bidirectional`` rule 1 is SDAR's: noisy tokens of one block all see each other."""
     n = length
     out = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
     for q, k in itertools.product(range(2 * n), repeat=2):
         q0, k0 = q >= n, k >= n
         lq, lk = (q - n if q0 else q), (k - n if k0 else k)
         bq, bk = lq // block, lk // block
-        out[q, k] = ((not q0 and not k0 and bq == bk and q >= k)
+        out[q, k] = ((not q0 and not k0 and bq == bk and (q >= k or bidirectional))
                      or (not q0 and k0 and bq > bk)
                      or (q0 and k0 and q >= k))
     return out
@@ -32,6 +33,27 @@ def block_diag(*mats: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("length,block", [(1, 1), (6, 2), (7, 3), (10, 3), (9, 4), (12, 1), (5, 8)])
 def test_unpacked_equals_rules(length, block):
     assert torch.equal(idlm_mask(length, block), rule_mask(length, block))
+
+
+@pytest.mark.parametrize("length,block", [(1, 1), (6, 2), (7, 3), (10, 3), (9, 4), (12, 1), (5, 8)])
+def test_bidirectional_block_equals_its_definition(length, block):
+    got = idlm_mask(length, block, "bidirectional-block")
+    assert torch.equal(got, rule_mask(length, block, bidirectional=True))
+    causal = idlm_mask(length, block)
+    assert torch.equal(got[length:], causal[length:])  # the clean half is unchanged
+    assert torch.equal(got[:length, length:], causal[:length, length:])  # noisy -> clean unchanged
+    if block > 1 and length > 1:
+        assert not torch.equal(got, causal)
+
+
+def test_bidirectional_example_l6_b2():
+    m = idlm_mask(6, 2, "bidirectional-block").int()
+    assert torch.equal(m[:6, :6], torch.block_diag(*[torch.ones(2, 2, dtype=torch.int)] * 3))
+
+
+def test_unknown_attention_is_refused():
+    with pytest.raises(ValueError, match="attention"):
+        idlm_mask(4, 2, "full")
 
 
 def test_spec_example_l6_b2():
