@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve the same prompts through the engine with at most C requests in flight, "
                                    "for each mode, stride and concurrency; print a table, then one JSON line "
                                    "{\"results\": [...]} with total and per-request tok/s, TPF, latency p50/p90 and "
-                                   "'identical' (the fraction of outputs equal to the batch-1 AR decoder's). Default "
-                                   "prompts: the first K GSM8K test questions as chat prompts.")
+                                   "'identical' (the fraction of outputs equal to the batch-1 AR decoder's) and, on "
+                                   "the default prompts (the first K GSM8K test questions as chat prompts), the "
+                                   "GSM8K accuracy of each run's outputs; PNG plots go to --plots.")
     b.add_argument("--modes", default="ar,isd", help="comma list of ar, isd (the engine), ar-b1, isd-b1 (the "
                    "batch-1 decoders, one request at a time) and hf (transformers generate) (default ar,isd)")
     b.add_argument("--stride", default="3", help="ISD stride, or a comma list such as 2,3,auto (default 3); auto = "
@@ -148,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="run every configuration this many times, round-robin, "
                    "and report the median run (default 1; 3 evens out a noisy machine)")
     b.add_argument("--pad-windows", action="store_true", help="pad windows to their largest size")
+    b.add_argument("--plots", default="idlm-bench", metavar="DIR",
+                   help="write PNG plots here: throughput vs concurrency, acceptance per draft position, TPF vs "
+                        "stride (default idlm-bench; '' = none)")
     _add_fallback_arg(b, several=True)
     b.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     b.add_argument("--server", default=None, metavar="URL",

@@ -224,7 +224,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "isd-b1" in modes and all(c.auto for c in cfgs):
         raise ConfigError("isd-b1 (the batch-1 decoder) needs a fixed --stride; auto is the engine's (mode isd)")
     params = _sampling(args, ignore_eos=args.ignore_eos)
-    texts = _bench_texts(args)
+    texts, gsm = _bench_texts(args), None
+    if not args.prompt_file and args.prompt_set == "gsm8k":  # score the outputs: a fixed GSM8K slice
+        from .eval.tasks import GSM8K
+
+        task = GSM8K()
+        gsm = task.examples(args.prompts)
+        texts = [e.prompt for e in gsm]
     lm = _setup(args)
     tok = lm.tokenizer()
     prompts = [encode(tok, t, chat=True) for t in texts]
@@ -261,10 +267,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = [sorted(t, key=lambda r: r.total_tokens_per_s)[len(t) // 2] for t in trials]  # the median run
     for r in results:
         r.identical = round(sum(a == b for a, b in zip(oracle.outputs, r.outputs)) / len(prompts), 4)
+        if gsm is not None:
+            sc = [task.score(e, tok.decode(o, skip_special_tokens=True)).values for e, o in zip(gsm, r.outputs)]
+            r.quality = {k: sum(v[k] for v in sc) / len(sc) for k in sc[0]}
     _print_bench(results, prompts, params, args)
+    rows = [r.to_json() for r in results]
+    if args.plots:
+        from .eval.plots import write_bench_plots
+
+        paths = write_bench_plots(rows, args.plots, f"{lm.name}, {len(prompts)} prompts, {args.dtype}")
+        print("plots: " + ", ".join(str(p) for p in paths))
     print(json.dumps({"prompts": len(prompts), "max_new_tokens": params.max_new_tokens, "dtype": args.dtype,
                       "repeats": args.repeats,
-                      "threads": torch.get_num_threads(), "results": [r.to_json() for r in results]}))
+                      "threads": torch.get_num_threads(), "results": rows}))
     return 0
 
 
@@ -273,19 +288,20 @@ def _print_bench(results, prompts, params, args) -> None:
           f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin run(s); "
           f"'vs AR' = total tok/s / engine AR at the same concurrency")
     print(f"{'mode':<7}{'N':>5}{'fb':>5}{'C':>4}{'tokens':>8}{'TPF':>6}{'total/s':>9}{'req/s':>8}{'p50 s':>7}"
-          f"{'p90 s':>7}{'vs AR':>7}{'same':>6}{'ovh':>6}  acceptance / auto N")
+          f"{'p90 s':>7}{'vs AR':>7}{'same':>6}{'ovh':>6}{'gsm8k':>7}  acceptance / auto N")
     ar = {r.concurrency: r for r in results if r.mode == "ar"}
     for r in results:
         base = ar.get(r.concurrency)
         rel = f"{r.total_tokens_per_s / base.total_tokens_per_s:.2f}x" if base and base.total_tokens_per_s else "-"
         fb = {True: "on", False: "off", "auto": "auto"}[r.fallback] if r.mode.startswith("isd") else "-"
         ovh = f"{r.overhead_ratio:.2f}" if r.overhead_ratio is not None else "-"
+        qual = f"{r.quality['strict']:.3f}" if r.quality else "-"
         extra = " ".join(f"{a:.2f}" for a in r.acceptance_at()) if r.mode.startswith("isd") else ""
         if r.strides_chosen:
             extra += "  chose " + ", ".join(f"{k}:{v}" for k, v in sorted(r.strides_chosen.items()))
         print(f"{r.mode:<7}{r.stride!s:>5}{fb:>5}{r.concurrency:>4}{r.tokens:>8}{r.tpf:>6.2f}"
               f"{r.total_tokens_per_s:>9.1f}{r.per_request_tokens_per_s:>8.1f}{r.latency(0.5):>7.2f}"
-              f"{r.latency(0.9):>7.2f}{rel:>7}{r.identical!s:>6}{ovh:>6}  {extra}")
+              f"{r.latency(0.9):>7.2f}{rel:>7}{r.identical!s:>6}{ovh:>6}{qual:>7}  {extra}")
 
 
 DEMO_PROMPTS = [

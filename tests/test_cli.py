@@ -81,9 +81,15 @@ def test_bench_ends_with_json_line(tmp_path: Path) -> None:
     prompts.write_text("Say hello.\nName a color.\nCount to three.\n")
     r = run_cli(["bench", "--modes", "ar,isd,ar-b1,hf", "--stride", "2,3", "--concurrency", "1,2", "--prompts", "3",
                  "--prompt-file", str(prompts), "--max-new-tokens", "8", "--threads", "2", "--dtype", "fp32",
-                 "--kv-cache-gb", "0.1"])
+                 "--kv-cache-gb", "0.1", "--plots", str(tmp_path / "plots")])
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout.strip().splitlines()[-1])
+    from PIL import Image
+
+    for name in ("throughput_vs_concurrency", "acceptance_per_position", "tpf_vs_stride"):
+        img = Image.open(tmp_path / "plots" / f"{name}.png").convert("L")
+        lo, hi = img.getextrema()
+        assert img.size[0] > 300 and hi - lo > 100  # drawn, not blank
     runs = [(x["mode"], x["stride"], x["concurrency"]) for x in rec["results"]]
     assert runs == [("ar", 1, 1), ("isd", 2, 1), ("isd", 3, 1), ("ar-b1", 1, 1), ("hf", 1, 1),
                     ("ar", 1, 2), ("isd", 2, 2), ("isd", 3, 2)]
@@ -95,3 +101,13 @@ def test_bench_ends_with_json_line(tmp_path: Path) -> None:
             assert x["identical"] == 1.0, x
     ar = rec["results"][0]
     assert ar["tpf"] == 1.0 and ar["tokens"] == rec["results"][4]["tokens"]  # same greedy length as transformers
+    assert "gsm8k" not in ar  # a prompt file is not scored
+
+
+def test_bench_scores_the_gsm8k_slice(tmp_path: Path) -> None:
+    r = run_cli(["bench", "--modes", "ar,isd", "--prompts", "2", "--max-new-tokens", "8", "--threads", "2",
+                 "--kv-cache-gb", "0.1", "--plots", ""])
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    ar, isd = rec["results"]
+    assert set(ar["gsm8k"]) == {"strict", "flexible"} and ar["gsm8k"] == isd["gsm8k"]  # identical outputs

@@ -48,10 +48,10 @@ def test_nll_matches_transformers_loss(folder: Path) -> None:
 def test_eval_nll_command(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = tmp_path / "held.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in toy_records(3)))
-    assert main(["eval", "nll", "--models", str(folder), str(folder), "--data", str(data), "--threads", "1"]) == 0
+    assert main(["eval", "--task", "nll", "--models", str(folder), str(folder), "--data", str(data), "--threads", "1"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     a, b = out["results"]
     assert a["nll"] == b["nll"] > 0 and b["nll_vs_first"] == 0.0 and a["samples"] == 3
-    assert main(["eval", "nll", "--models", str(folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert main(["eval", "--task", "nll", "--models", str(folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("idlm: error:")

@@ -41,6 +41,7 @@ class RunResult:
     steps: int = 0  # batched forwards (engine)
     overhead_ratio: float | None = None  # engine scheduling + bookkeeping time / forward time
     strides_chosen: Counter = field(default_factory=Counter)  # adaptive windows: steps per choice ("N3+fb")
+    quality: dict[str, float] | None = None  # GSM8K accuracy of the outputs (strict / flexible), when scored
 
     @property
     def tokens(self) -> int:
@@ -86,6 +87,8 @@ class RunResult:
         if self.mode in ("ar", "isd"):
             d["steps"] = self.steps
             d["overhead_ratio"] = round(self.overhead_ratio or 0.0, 4)
+        if self.quality is not None:
+            d["gsm8k"] = {k: round(v, 4) for k, v in self.quality.items()}
         if self.strides_chosen:
             d["strides_chosen"] = {str(k): v for k, v in sorted(self.strides_chosen.items())}
         return d
