@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "position (q: the softmax of the row that produced x; p: the causal pass; both "
                                     "at T = 1; see idlm/eval/iar.py). Ends with one JSON line.")
     ia.add_argument("--models", nargs="+", default=None, metavar="PATH_OR_ID",
-                    help="several models side by side (default: --model)")
+                    help="several models side by side (default: --model; 'default' = the embedded default)")
     ia.add_argument("--prompts", type=int, default=32, help="number of prompts (default 32)")
     ia.add_argument("--prompt-set", choices=("gsm8k", "builtin"), default="gsm8k",
                     help="GSM8K test questions (held out from training; default) or the 16 built-in chat requests")

@@ -26,7 +26,12 @@ def _setup(args: argparse.Namespace) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    return load_model(args.model, dtype=DTYPES[args.dtype])
+    lm = load_model(args.model, dtype=DTYPES[args.dtype])
+    if lm.meta is not None and getattr(lm.meta, "attention", "causal") != "causal" and args.command != "iar":
+        print(f"idlm: note: {lm.name} was trained with {lm.meta.attention} attention (a baseline for `idlm iar`); "
+              "ISD runs MASK rows causally, so its drafts are off-distribution (the output is still exact)",
+              file=sys.stderr)
+    return lm
 
 
 def _sampling(args: argparse.Namespace, **over) -> SamplingParams:
@@ -537,7 +542,7 @@ def cmd_iar(args: argparse.Namespace) -> int:
         texts = gsm8k_questions(args.prompts)
     rows = []
     for name in args.models or [args.model]:
-        args.model = name
+        args.model = None if name == "default" else name
         lm = _setup(args)
         meta = lm.meta
         block = args.block if args.block is not None else (meta.block_size if meta else 2)
@@ -547,7 +552,7 @@ def cmd_iar(args: argparse.Namespace) -> int:
         res = measure_iar(lm.model, prompts, block, args.max_new_tokens, attention,
                           tuple(lm.model.cfg.eos_token_ids), args.temperature, args.seed,
                           progress=sys.stderr.isatty())
-        rows.append({"model": lm.name if name is None else name, **res.to_json()})
+        rows.append({"model": lm.name if name in (None, "default") else name, **res.to_json()})
     out = sys.stderr if args.json else sys.stdout
     print(f"{len(texts)} {args.prompt_set} prompts, max {args.max_new_tokens} tokens, "
           f"{'greedy' if args.temperature == 0 else f'T={args.temperature:g}'} drafts, dtype {args.dtype}", file=out)

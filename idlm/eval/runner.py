@@ -129,8 +129,9 @@ async def _server_run(url, model, examples, chat, stop, max_tokens, mode, stride
     bar = tqdm(total=len(examples), desc=desc, disable=not progress, unit="ex", dynamic_ncols=True)
 
     async def one(client: httpx.AsyncClient, ex: Example) -> Generation:
-        body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "mode": mode,
-                "stride": stride if mode == "isd" else 1}
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "mode": mode}
+        if mode == "isd":
+            body["stride"] = stride
         if stop:
             body["stop"] = list(stop)
         if chat:

@@ -50,8 +50,10 @@ def test_server_outputs_equal_in_process(server, tiny_chat_model, gsm8k_file, tm
     rc, local = _run(capsys, *common, "--model", str(tiny_chat_model), "--threads", "1", "--dtype", "fp32",
                      "--records", str(tmp_path / "local.jsonl"))
     assert rc == 0
-    rc, remote = _run(capsys, *common, "--server", server.url, "--records", str(tmp_path / "remote.jsonl"))
+    rc, remote = _run(capsys, *common, "--server", server.url, "--records", str(tmp_path / "remote.jsonl"),
+                      "--compare", "ar")
     assert rc == 0 and remote["where"] == server.url and remote["errors"] == 0
+    assert remote["compare"]["errors"] == 0 and remote["compare"]["identical"] == 1.0
     a, b = _records(tmp_path / "local.jsonl"), _records(tmp_path / "remote.jsonl")
     assert [r["output"] for r in a] == [r["output"] for r in b]
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
