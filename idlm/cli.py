@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MASK drafts per forward (default: the model's trained block size; 0 = plain AR)")
     ia.add_argument("--attention", choices=("causal", "bidirectional-block"), default=None,
                     help="how MASK rows attend each other (default: as the model was trained)")
+    ia.add_argument("--steps", default="1",
+                    help="forwards per block: 1 = every draft at once (default); s > 1 = SDAR-style "
+                         "low-confidence denoising in s steps (most confident tokens first, each written into its "
+                         "slot before the next forward); a comma list such as 1,3 measures each")
     ia.add_argument("--temperature", type=_float, default=0.0,
                     help="0 = greedy drafts (default, reproducible); > 0 samples every token from q at this "
                          "temperature")

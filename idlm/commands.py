@@ -540,30 +540,34 @@ def cmd_iar(args: argparse.Namespace) -> int:
         texts = (BUILTIN_PROMPTS * (1 + args.prompts // len(BUILTIN_PROMPTS)))[: args.prompts]
     else:
         texts = gsm8k_questions(args.prompts)
+    steps_list = _list(args.steps, "--steps")
     rows = []
     for name in args.models or [args.model]:
         args.model = None if name == "default" else name
         lm = _setup(args)
         meta = lm.meta
         block = args.block if args.block is not None else (meta.block_size if meta else 2)
+        if not all(1 <= s <= block + 1 for s in steps_list):
+            raise ConfigError(f"--steps must be in 1..{block + 1} (block {block} + the anchor token)")
         attention = args.attention or (getattr(meta, "attention", "causal") if meta else "causal")
         tok = lm.tokenizer()
         prompts = [encode(tok, t, chat=True) for t in texts]
-        res = measure_iar(lm.model, prompts, block, args.max_new_tokens, attention,
-                          tuple(lm.model.cfg.eos_token_ids), args.temperature, args.seed,
-                          progress=sys.stderr.isatty())
-        rows.append({"model": lm.name if name in (None, "default") else name, **res.to_json()})
+        for steps in steps_list:
+            res = measure_iar(lm.model, prompts, block, args.max_new_tokens, attention,
+                              tuple(lm.model.cfg.eos_token_ids), args.temperature, args.seed,
+                              progress=sys.stderr.isatty(), steps=steps)
+            rows.append({"model": lm.name if name in (None, "default") else name, **res.to_json()})
     out = sys.stderr if args.json else sys.stdout
     print(f"{len(texts)} {args.prompt_set} prompts, max {args.max_new_tokens} tokens, "
           f"{'greedy' if args.temperature == 0 else f'T={args.temperature:g}'} drafts, dtype {args.dtype}", file=out)
-    print(f"{'model':<36}{'attention':>20}{'B':>3}{'IAR':>8}{'drafts':>8}  per position (0 = anchor)"
+    print(f"{'model':<36}{'attention':>20}{'B':>3}{'steps':>6}{'IAR':>8}{'drafts':>8}  per position (0 = anchor)"
           "   greedy agreement", file=out)
     for r in rows:
         per = " ".join("-" if v is None else f"{v:.3f}" for v in r["iar_per_position"])
         agree = " ".join("-" if v is None else f"{v:.3f}" for v in r["greedy_agreement_per_position"])
         d = "-" if r["draft_iar"] is None else f"{r['draft_iar']:.4f}"
-        print(f"{str(r['model'])[-36:]:<36}{r['attention']:>20}{r['block']:>3}{r['iar']:>8.4f}{d:>8}  {per:<26}{agree}",
-              file=out)
+        print(f"{str(r['model'])[-36:]:<36}{r['attention']:>20}{r['block']:>3}{r['steps']:>6}{r['iar']:>8.4f}{d:>8}"
+              f"  {per:<26}{agree}", file=out)
     print(json.dumps({"prompts": len(texts), "prompt_set": args.prompt_set, "max_new_tokens": args.max_new_tokens,
                       "temperature": args.temperature, "dtype": args.dtype, "results": rows}))
     return 0

@@ -6,7 +6,12 @@
    tokens are committed — no verification (the draft-only ablation of spec §3.12, in I-DLM's
    anchor + MASK layout). The MASK rows attend the way the model was trained: causally among
    themselves (I-DLM) or to every MASK of the window (``bidirectional-block``, the SDAR-style
-   baseline). ``block = 0`` is plain AR decoding.
+   baseline). ``block = 0`` is plain AR decoding. With ``steps > 1`` a block is instead filled by
+   SDAR-style low-confidence denoising, a few tokens per forward, most confident first, each
+   committed token written into its slot before the next forward: then, under bidirectional-block
+   attention, a token can be conditioned on tokens to its right, which the causal re-scoring cannot
+   see. That order dependence is what the paper's IAR gap measures; with ``steps = 1`` the MASK
+   inputs carry no content, so bidirectional attention among them adds compute but no information.
 2. **Re-score with the causal anchor pass.** One clean causal forward over prompt + output (gates
    off: the base model under R-ISD) gives p_k, the distribution of token k given the committed
    text x_<k.
@@ -50,6 +55,7 @@ class IARResult:
     block: int
     attention: str
     sequences: list[Sequence]
+    steps: int = 1  # forwards per block (1 = all drafts at once; > 1 = low-confidence denoising)
 
     def _ratios(self, pos: int | None = None) -> list[float]:
         return [min(1.0, p / q) if q > 0 else 1.0
@@ -85,7 +91,8 @@ class IARResult:
                 "iar_per_position": [r(v) for v in self.per_position()],
                 "greedy_agreement": r(self.agreement()),
                 "greedy_agreement_per_position": [r(self.agreement(j)) for j in range(self.block + 1)],
-                "tokens": n, "sequences": len(self.sequences), "block": self.block, "attention": self.attention}
+                "tokens": n, "sequences": len(self.sequences), "block": self.block, "attention": self.attention,
+                "steps": self.steps}
 
 
 def iar_of(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -108,11 +115,20 @@ def window_mask(n_clean: int, n_mask: int, attention: str = "causal") -> torch.T
 @torch.no_grad()
 def parallel_decode(model: Decoder, prompt: list[int], block: int, max_new_tokens: int,
                     attention: str = "causal", eos: tuple[int, ...] = (), temperature: float = 0.0,
-                    generator: torch.Generator | None = None) -> Sequence:
-    """Generate by committing the anchor token and ``block`` MASK drafts every forward (no
-    verification); records q(x) and the draft position of every token."""
+                    generator: torch.Generator | None = None, steps: int = 1) -> Sequence:
+    """Generate blocks of ``block + 1`` tokens without verification; records q(x) and the position
+    in its block (0 = the anchor's token) of every token.
+
+    ``steps = 1``: one forward per block commits the anchor token and all ``block`` drafts.
+    ``steps = s > 1``: SDAR-style low-confidence denoising: each forward commits the most confident
+    of the block's still-unknown tokens (ceil(left / steps left) of them), writes each committed
+    token into its input slot (gate off, like a clean token), and runs again. Under
+    ``bidirectional-block`` attention a token committed late is then conditioned on block tokens to
+    its right; under causal attention only on those to its left."""
     if not prompt:
         raise ValueError("empty prompt")
+    if not 1 <= steps <= block + 1:
+        raise ValueError(f"steps must be in 1..{block + 1}, got {steps}")
     mask_id = model.cfg.mask_token_id
     dev = model.embed.weight.device
     cache = model.new_cache(1, len(prompt) + max_new_tokens + 2 * block + 8)
@@ -121,31 +137,40 @@ def parallel_decode(model: Decoder, prompt: list[int], block: int, max_new_token
     seq = Sequence(list(prompt))
     pending = [prompt[-1]]  # committed tokens whose K/V are not in the cache yet
     start = len(prompt) - 1  # position of pending[0]
-    done = False
-    while not done and len(seq.tokens) < max_new_tokens:
+    while len(seq.tokens) < max_new_tokens:
         c = len(pending)
-        ids = torch.tensor(pending + [mask_id] * block, device=dev)
+        wmask = window_mask(c, block, attention)
         pos = torch.arange(start, start + c + block, device=dev)
-        gate = torch.tensor([0.0] * c + [1.0] * block, device=dev)
-        h = model.hidden(ids, pos, cache, gate=gate, window_mask=window_mask(c, block, attention))
-        cache.crop(start + c)  # drop the MASK rows' K/V: only committed text stays
-        logits = model.logits(h[0, c - 1:])  # anchor, then the MASK rows
-        probs = torch.softmax(logits, -1)
-        if temperature > 0:
-            picks = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-        else:
-            picks = logits.argmax(-1)
+        target: list[int | None] = [None] * (block + 1)  # x[S..S+block]; x[S+i] is read from row c-1+i
+        q: list[float] = [0.0] * (block + 1)
+        for step in range(steps):
+            slots = [t if t is not None else mask_id for t in target[:block]]  # input at positions S..S+block-1
+            ids = torch.tensor(pending + slots, device=dev)
+            gate = torch.tensor([0.0] * c + [float(t is None) for t in target[:block]], device=dev)
+            h = model.hidden(ids, pos, cache, gate=gate, window_mask=wmask)
+            # only committed text keeps K/V; the pending rows are sent again while the block is open
+            cache.crop(start + c if step == steps - 1 else start)
+            logits = model.logits(h[0, c - 1:])  # anchor row, then the block rows
+            probs = torch.softmax(logits, -1)
+            if temperature > 0:
+                picks = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                picks = logits.argmax(-1)
+            conf = probs.gather(1, picks[:, None])[:, 0]
+            unknown = [i for i, t in enumerate(target) if t is None]
+            k = -(-len(unknown) // (steps - step))
+            for i in sorted(unknown, key=lambda i: -float(conf[i]))[:k]:
+                target[i], q[i] = int(picks[i]), float(conf[i])
         new = []
-        for j, t in enumerate(picks.tolist()):
+        for j, t in enumerate(target):
             if len(seq.tokens) >= max_new_tokens:
                 break
             seq.tokens.append(t)
-            seq.q.append(float(probs[j, t]))
+            seq.q.append(q[j])
             seq.position.append(j)
             new.append(t)
             if t in eos:
-                done = True
-                break
+                return seq
         start += c
         pending = new
     return seq
@@ -170,12 +195,12 @@ def rescore(model: Decoder, seq: Sequence) -> Sequence:
 
 def measure_iar(model: Decoder, prompts: list[list[int]], block: int, max_new_tokens: int,
                 attention: str = "causal", eos: tuple[int, ...] = (), temperature: float = 0.0,
-                seed: int = 0, progress: bool = False) -> IARResult:
+                seed: int = 0, progress: bool = False, steps: int = 1) -> IARResult:
     from tqdm import tqdm
 
     gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
     seqs = []
     for ids in tqdm(prompts, desc=f"iar B={block} {attention}", disable=not progress, leave=False):
-        s = parallel_decode(model, ids, block, max_new_tokens, attention, eos, temperature, gen)
+        s = parallel_decode(model, ids, block, max_new_tokens, attention, eos, temperature, gen, steps)
         seqs.append(rescore(model, s))
-    return IARResult(block, attention, seqs)
+    return IARResult(block, attention, seqs, steps)

@@ -105,3 +105,25 @@ def test_decode_respects_eos_and_budget(folder):
     eos = s.tokens[4]
     s2 = parallel_decode(model, [3, 4, 5], block=2, max_new_tokens=7, eos=(eos,))
     assert s2.tokens == s.tokens[: s.tokens.index(eos) + 1]
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional-block"])
+def test_denoising_steps(folder, attention):
+    model = _lora_model(folder, seed=5)
+    one = parallel_decode(model, [3, 4, 5], block=2, max_new_tokens=12, attention=attention)
+    assert parallel_decode(model, [3, 4, 5], block=2, max_new_tokens=12, attention=attention, steps=1) == one
+    res = measure_iar(model, [[3, 4, 5], [9, 8]], block=2, max_new_tokens=12, attention=attention, steps=3)
+    assert res.per_position()[0] == 1.0  # the anchor row never sees the block: its q is p in every step
+    assert res.steps == 3 and all(len(s.tokens) == 12 for s in res.sequences)
+    with pytest.raises(ValueError, match="steps"):
+        parallel_decode(model, [3], block=2, max_new_tokens=4, steps=4)
+
+
+def test_first_denoising_step_commits_the_most_confident(folder):
+    """With steps = B + 1 each forward commits exactly one token, the most confident unknown one; the
+    first forward is the steps = 1 forward, so its most confident prediction is kept in both."""
+    model = _lora_model(folder, seed=6)
+    one = parallel_decode(model, [3, 4, 5], block=2, max_new_tokens=3)
+    den = parallel_decode(model, [3, 4, 5], block=2, max_new_tokens=3, steps=3)
+    best = max(range(3), key=lambda j: one.q[j])
+    assert den.tokens[best] == one.tokens[best] and den.q[best] == one.q[best]
