@@ -107,7 +107,7 @@ def run_engine(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, par
     n = len(prompts)
     res.outputs, res.latencies, res.stats = [[]] * n, [0.0] * n, [DecodeStats()] * n
     todo, inflight = list(range(n)), {}
-    bar = tqdm(total=n, desc=desc, leave=False)
+    bar = tqdm(total=n, desc=desc, leave=False, disable=None)
     t0 = time.perf_counter()
     while todo or inflight:
         while todo and len(inflight) < concurrency:
@@ -133,7 +133,7 @@ def run_batch1(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, par
     isd = cfg.mode == "isd"
     res = RunResult("isd-b1" if isd else "ar-b1", cfg.stride if isd else 1, isd and cfg.may_fallback, 1)
     t0 = time.perf_counter()
-    for ids in tqdm(prompts, desc=desc, leave=False):
+    for ids in tqdm(prompts, desc=desc, leave=False, disable=None):
         out = isd_generate(lm.model, ids, cfg, params) if isd else \
             ar_generate(lm.model, ids, params, sampling_mode=cfg.sampling_mode)
         res.outputs.append(out.tokens)
@@ -153,7 +153,7 @@ def run_hf(lm: LoadedModel, prompts: list[list[int]], params: SamplingParams, dt
     eos = None if params.ignore_eos else list(lm.model.cfg.eos_token_ids) or None
     res = RunResult("hf", 1, False, 1)
     t0 = time.perf_counter()
-    for ids in tqdm(prompts, desc="hf", leave=False):
+    for ids in tqdm(prompts, desc="hf", leave=False, disable=None):
         x = torch.tensor([ids])
         t = time.perf_counter()
         with torch.inference_mode():
