@@ -10,6 +10,8 @@ import argparse
 import math
 import sys
 
+from .config import QUANT_DEFAULT, QUANT_MODES
+
 EXIT_USAGE = 2
 
 
@@ -34,6 +36,10 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default: str | None, dtype
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=dtype_default,
                    help=f"weight/activation dtype (default {dtype_note or dtype_default}); greedy ISD reproduces "
                         "greedy AR bit for bit in both (see README)")
+    p.add_argument("--quant", choices=QUANT_MODES, default=QUANT_DEFAULT,
+                   help="weight-only quantization with PyTorch's CPU kernels: int4 (groups of 32; a GGUF's "
+                        "Q4_0/Q4_1 blocks packed as they are), int8 (per row), none = the dense --dtype weights "
+                        f"(default {QUANT_DEFAULT}); activations run in bf16; greedy ISD == greedy AR in each")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 
 
@@ -270,12 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "otherwise. SIGTERM drains in-flight requests, then exits 0.")
     d0 = ServerConfig()
     for name, kind in (("model", str), ("host", str), ("port", int), ("stride", str), ("mode", str),
-                       ("dtype", str), ("api_key", str), ("max_running", int), ("max_queue", int),
+                       ("dtype", str), ("quant", str), ("api_key", str), ("max_running", int), ("max_queue", int),
                        ("kv_cache_gb", _float), ("max_batched_tokens", int), ("max_model_len", int),
                        ("served_model_name", str), ("shutdown_timeout", _float), ("max_body_bytes", int),
                        ("threads", int)):
         default = getattr(d0, name)
-        extra = {"choices": ("isd", "ar")} if name == "mode" else {"choices": ("fp32", "bf16")} if name == "dtype" else {}
+        extra = {"mode": {"choices": ("isd", "ar")}, "dtype": {"choices": ("fp32", "bf16")},
+                 "quant": {"choices": QUANT_MODES}}.get(name, {})
         sv.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=default,
                         help=helps.get(name, "") + ("" if default is None else f" (default {default})"), **extra)
 

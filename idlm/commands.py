@@ -26,7 +26,9 @@ def _setup(args: argparse.Namespace) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    lm = load_model(args.model, dtype=DTYPES[args.dtype])
+    lm = load_model(args.model, dtype=DTYPES[args.dtype], quant=getattr(args, "quant", "none"))
+    if lm.quant is not None:
+        print(f"idlm: {lm.quant.summary()}", file=sys.stderr)
     if lm.meta is not None and getattr(lm.meta, "attention", "causal") != "causal" and args.command != "iar":
         print(f"idlm: note: {lm.name} was trained with {lm.meta.attention} attention (a baseline for `idlm iar`); "
               "ISD runs MASK rows causally, so its drafts are off-distribution (the output is still exact)",

@@ -45,6 +45,15 @@ def test_nan_rejected_by_parser(capsys: pytest.CaptureFixture) -> None:
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["generate", "bench", "verify", "eval", "serve"])
+def test_unknown_quant_is_rejected_by_the_parser(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([command, "--quant", "int3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--quant: invalid choice: 'int3'" in err and "Traceback" not in err
+
+
 def test_unsupported_gguf_is_one_line(tmp_path: Path) -> None:
     path = _write_gguf(tmp_path / "m.gguf", "gpt2")
     r = run_cli(["generate", "--prompt", "hi", "--model", str(path)])

@@ -47,9 +47,13 @@ def row_stable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 class Proj(nn.Linear):
-    """A linear layer whose forward takes an (ignored) per-token gate; LoRA subclasses use it."""
+    """A linear layer whose forward takes an (ignored) per-token gate; LoRA subclasses use it.
+    ``quant`` (a ``quant.QuantLinear``, set by ``quantize_model``) replaces the dense weight."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        quant = self._modules.get("quant")
+        if quant is not None:
+            return quant(x)
         return row_stable_linear(x, self.weight, self.bias)
 
 
@@ -274,6 +278,8 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryTable(cfg)
+        self.head_quant: nn.Module | None = None  # quantized output head (``quant.quantize_model``)
+        self.quant_mode = "none"
 
     @property
     def has_adapters(self) -> bool:
@@ -363,7 +369,9 @@ class Decoder(nn.Module):
         """Next-token logits (..., vocab) in fp32. MASK is never a valid output: an in-vocabulary MASK
         id gets -inf, an appended MASK row is not scored at all."""
         flat = hidden.reshape(-1, hidden.shape[-1])  # always a 2-D matmul: a 1-D input takes a gemv
-        out = row_stable_linear(flat, self.head_weight()).float().view(*hidden.shape[:-1], -1)  # path that rounds differently
+        # path that rounds differently
+        y = self.head_quant(flat) if self.head_quant is not None else row_stable_linear(flat, self.head_weight())
+        out = y.float().view(*hidden.shape[:-1], -1)
         if not self.cfg.mask_is_new_row:
             out[..., self.cfg.mask_token_id] = float("-inf")
         return out

@@ -39,6 +39,7 @@ class LoadedModel:
     folder: Path  # HF-layout folder the weights came from (tokenizer lives here too)
     name: str  # what the user asked for
     meta: Any = None  # ConvertedMeta of a converted I-DLM / R-ISD model, None for a plain base model
+    quant: Any = None  # quant.QuantReport when loaded with --quant int4 / int8
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -120,6 +121,7 @@ def gguf_to_folder(path: Path) -> Path:
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHS)})")
     out = cache_dir() / f"{path.stem}-{path.stat().st_size}"
     if (out / "config.json").exists():
+        _write_gguf_marker(out, path)
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -140,11 +142,31 @@ def gguf_to_folder(path: Path) -> Path:
           if not (conf.get("tie_word_embeddings") and k == "lm_head.weight")}
     save_file(sd, str(tmp / "model.safetensors"))
     tok.save_pretrained(str(tmp))
+    _write_gguf_marker(tmp, path)
     try:
         tmp.rename(out)
     except OSError:  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+GGUF_MARKER = "idlm_gguf.json"  # in a dequantized folder: the GGUF it came from (``--quant`` packs its blocks)
+
+
+def _write_gguf_marker(folder: Path, path: Path) -> None:
+    marker = folder / GGUF_MARKER
+    text = json.dumps({"gguf": str(path.resolve())})
+    if not marker.exists() or marker.read_text() != text:
+        marker.write_text(text)
+
+
+def gguf_source(folder: Path) -> str | None:
+    """The GGUF file a dequantized folder was made from, if it is still there."""
+    try:
+        path = json.loads((folder / GGUF_MARKER).read_text())["gguf"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return path if Path(path).exists() else None
 
 
 def read_config(folder: Path) -> dict:
@@ -220,8 +242,24 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str = 
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """Load a base model (or converted I-DLM) by name: None = embedded default, a folder, a .gguf, a hub id."""
+def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               quant: str = "none") -> LoadedModel:
+    """Load a base model (or converted I-DLM) by name: None = embedded default, a folder, a .gguf, a hub id.
+    ``quant`` int4 / int8: weight-only quantized projections and head (``quant.quantize_model``; from a
+    GGUF's own blocks when the weights came from one). The report is ``LoadedModel.quant``."""
+    from .quant import QUANT_MODES, quantize_model
+
+    if quant not in QUANT_MODES:
+        raise ModelLoadError(f"unknown quantization {quant!r} (choose from {', '.join(QUANT_MODES)})")
+    loaded = _load(name, dtype, device)
+    if quant != "none":
+        if device != "cpu":
+            raise ModelLoadError(f"--quant {quant} uses PyTorch's CPU kernels; it runs on the CPU only")
+        loaded.quant = quantize_model(loaded.model, quant, gguf_source(loaded.folder))
+    return loaded
+
+
+def _load(name: str | None, dtype: torch.dtype, device: str) -> LoadedModel:
     folder = resolve_folder(name)
     if (folder / "idlm_convert.json").exists():  # a converted I-DLM or an R-ISD adapter folder
         from .converted import load_converted

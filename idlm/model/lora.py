@@ -50,6 +50,8 @@ class GatedLoRAProj(Proj):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # standard LoRA init: B = 0, so ΔW = 0
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        if "quant" in self._modules:
+            return self._quant_forward(x, gate)
         if gate is None:
             return row_stable_linear(x, self.weight, self.bias)
         if not torch.is_grad_enabled() and gate_is_binary(gate):
@@ -77,6 +79,16 @@ class GatedLoRAProj(Proj):
         y, t = y_ext[..., : self.out_features], y_ext[..., self.out_features:]
         y.addcmul_(row_stable_linear(t, self._scaled_b(x.dtype)), gate.to(x.dtype).view(*x.shape[:-1], 1))
         return y
+
+    def _quant_forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """Quantized base (inference only): y = Q(x) + gate · (scale · B (A x)), A and B dense."""
+        if torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+            raise RuntimeError("a quantized base is for inference; train adapters over a dense base")
+        y = self.quant(x)
+        if gate is None:
+            return y
+        t = row_stable_linear(x, self.lora_A.to(x.dtype))
+        return y.addcmul_(row_stable_linear(t, self._scaled_b(x.dtype)), gate.to(x.dtype).view(*x.shape[:-1], 1))
 
     def _fused(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[W; A]`` (out + rank, in) and ``[b; 0]``, built once per A. The base weight becomes a view

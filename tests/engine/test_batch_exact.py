@@ -16,6 +16,7 @@ import torch
 from idlm.config import DecodeConfig, SamplingParams
 from idlm.engine import EngineConfig, LLMEngine
 from idlm.model.lora import add_lora
+from idlm.model.quant import quantize_model
 
 from ..model.test_window_exact import _shaped_like_smollm2
 
@@ -24,8 +25,10 @@ CFGS = [DecodeConfig(stride=3, fallback=True), DecodeConfig(mode="ar"), DecodeCo
 LENGTHS = [5, 130, 300, 700, 17, 64]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_every_batched_window_equals_the_window_alone(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("dtype", "quant"), [(torch.float32, "none"), (torch.bfloat16, "none"),
+                                              (torch.bfloat16, "int4"), (torch.bfloat16, "int8")],
+                         ids=["fp32", "bf16", "bf16-int4", "bf16-int8"])
+def test_every_batched_window_equals_the_window_alone(dtype: torch.dtype, quant: str) -> None:
     model = _shaped_like_smollm2(dtype)
     add_lora(model, rank=8, alpha=16.0)
     g = torch.Generator().manual_seed(0)
@@ -34,6 +37,8 @@ def test_every_batched_window_equals_the_window_alone(dtype: torch.dtype) -> Non
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g).to(dtype) * 0.05)
     model.requires_grad_(False)
+    if quant != "none":  # the weight-only kernels under the dense gated LoRA
+        assert quantize_model(model, quant).dense == []
     with torch.inference_mode():
         _check(model, g)
 

@@ -1,0 +1,303 @@
+"""Weight-only quantized linear layers for CPU inference: int4 group-wise and int8 per channel.
+
+The kernels are PyTorch's own CPU ops: ``_weight_int4pack_mm_for_cpu`` (4-bit codes in groups of
+``GROUP`` input columns, one bf16 scale and zero per group, w = (q − 8) · scale + zero) and
+``_weight_int8pack_mm`` (int8 codes, one bf16 scale per output row, w = q · scale). Both take bf16
+activations and, measured on this CPU for every row count tried (1..40 and up to 600), give a row
+the same bits whatever the number of rows: the property bit-exact ISD needs (``row_stable_linear``
+pads bf16 rows for the same reason).
+
+Where the weights come from:
+
+* GGUF Q4_0 / Q4_1 tensors are packed straight from their blocks under ``int4`` (the 4-bit codes
+  are kept; only the fp16 block scale and minimum are rounded to the bf16 the kernel reads). Other
+  combinations (Q8_0 blocks, or Q4 blocks under ``int8``) are re-quantized from the blocks' exact
+  fp32 values, never from a rounded dense copy: the int8 kernel has one scale per row, not per block.
+* dense (safetensors, bf16 / fp32) weights are quantized at load: int4 asymmetric min/max per group
+  of 32, int8 symmetric per output row.
+
+A layer the int4 kernel cannot take (input dim not a multiple of the group) stays dense: it is
+listed in the ``QuantReport``; nothing is silently wrong. An output dim not a multiple of 16 is
+padded with zero rows (sliced off after the matmul).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import QUANT_MODES
+
+GROUP = 32  # int4 group size: GGUF's block size, and the smallest the kernel accepts
+_N_ALIGN = 16  # the int4 packer needs the output dim divisible by this
+_INNER_K_TILES = 2
+COMPUTE_DTYPE = torch.bfloat16  # the kernels' activation and scale dtype
+
+
+class QuantLinear(nn.Module):
+    """y = x Wᵀ + b with W stored as int4 (group-wise) or int8 (per row) codes; no autograd."""
+
+    def __init__(self, kind: str, out_features: int, in_features: int, packed: torch.Tensor,
+                 scales: torch.Tensor, bias: torch.Tensor | None = None, source: str = "dense"):
+        super().__init__()
+        if kind not in ("int4", "int8"):
+            raise ValueError(f"unknown quantized kind {kind!r}")
+        self.kind, self.out_features, self.in_features, self.source = kind, out_features, in_features, source
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("qbias", None if bias is None else bias.to(COMPUTE_DTYPE), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.in_features
+        flat = x.reshape(-1, k)
+        if flat.dtype != COMPUTE_DTYPE:
+            flat = flat.to(COMPUTE_DTYPE)
+        flat = flat.contiguous()
+        if self.kind == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales)
+            if y.shape[1] != self.out_features:
+                y = y[:, : self.out_features]
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.packed, self.scales)
+        if self.qbias is not None:
+            y = y + self.qbias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in={self.in_features}, out={self.out_features}, from {self.source}"
+
+
+def int4_reference(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight the int4 kernel computes with: (codes − 8) · scale + zero, scale and zero
+    rounded to bf16 as the kernel stores them."""
+    s = scale.to(COMPUTE_DTYPE).float().repeat_interleave(GROUP, 1)
+    z = zero.to(COMPUTE_DTYPE).float().repeat_interleave(GROUP, 1)
+    return (codes.float() - 8) * s + z
+
+
+def int4_from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    bias: torch.Tensor | None = None, source: str = "dense") -> QuantLinear:
+    """codes (N, K) in 0..15, scale / zero (N, K/GROUP) fp32, w = (codes − 8) · scale + zero."""
+    n, k = codes.shape
+    pad = (-n) % _N_ALIGN
+    if pad:
+        codes = torch.cat([codes, codes.new_full((pad, k), 8)])
+        scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
+        zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), _INNER_K_TILES)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(COMPUTE_DTYPE)  # (K/G, N, 2)
+    return QuantLinear("int4", n, k, packed, sz, bias, source)
+
+
+def int4_from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> QuantLinear:
+    """Asymmetric min/max quantization per group of GROUP input columns. The scale and zero are
+    rounded to bf16 first and the codes chosen against the rounded values (the ones used)."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // GROUP, GROUP)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).to(COMPUTE_DTYPE).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: any scale works
+    zero = (lo + 8 * scale).to(COMPUTE_DTYPE).float()
+    codes = ((wg - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.int32)
+    return int4_from_codes(codes.reshape(n, k), scale, zero, bias)
+
+
+def int8_from_dense(w: torch.Tensor, bias: torch.Tensor | None = None, source: str = "dense") -> QuantLinear:
+    """Symmetric per-row int8: scale = max|w| / 127 (rounded to bf16), codes = round(w / scale)."""
+    w = w.float()
+    scale = (w.abs().amax(1) / 127).to(COMPUTE_DTYPE).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+    return QuantLinear("int8", w.shape[0], w.shape[1], codes.contiguous(), scale.to(COMPUTE_DTYPE), bias, source)
+
+
+# ---- GGUF blocks ---------------------------------------------------------------------------------
+
+GGUF_BLOCK = 32
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def gguf_blocks(qtype: str, data: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Split GGUF rows (N, bytes) of one tensor into codes and per-block parameters.
+
+    Q4_0: w = d · (q − 8) → codes q (N, K) 0..15, d (N, K/32) and zero = None.
+    Q4_1: w = d · q + m   → codes q 0..15, d, m.
+    Q8_0: w = d · q       → codes q (N, K) int8, d, None.
+    Scales are returned as fp32 (exactly the fp16 values stored)."""
+    if qtype not in _BLOCK_BYTES:
+        raise ValueError(f"GGUF tensor type {qtype} is not packed directly (supported: {', '.join(_BLOCK_BYTES)})")
+    nb = k // GGUF_BLOCK
+    blocks = np.ascontiguousarray(data).reshape(data.shape[0], nb, _BLOCK_BYTES[qtype])
+    d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
+    if qtype == "Q8_0":
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(data.shape[0], k)
+        return q, d, None
+    off = 2 if qtype == "Q4_0" else 4
+    m = None if qtype == "Q4_0" else torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    qs = torch.from_numpy(blocks[..., off:].copy()).to(torch.int32)  # (N, nb, 16)
+    q = torch.cat([qs & 0xF, qs >> 4], -1)  # element j < 16 in the low nibble of byte j, j ≥ 16 in the high
+    return q.reshape(data.shape[0], k), d, m
+
+
+def gguf_dequantize(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """Exact fp32 values of split GGUF blocks (the reference formula of each type)."""
+    n, k = q.shape
+    qd = q.float().reshape(n, -1, GGUF_BLOCK)
+    if qtype == "Q4_0":
+        w = d[..., None] * (qd - 8)
+    elif qtype == "Q4_1":
+        w = d[..., None] * qd + m[..., None]
+    else:
+        w = d[..., None] * qd
+    return w.reshape(n, k)
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize_model`` did, per layer kind: how many packed from GGUF blocks, quantized from
+    dense weights, or left dense (with the reason)."""
+
+    mode: str
+    packed: dict[str, int] = field(default_factory=dict)
+    dense: list[str] = field(default_factory=list)
+
+    def add(self, source: str) -> None:
+        self.packed[source] = self.packed.get(source, 0) + 1
+
+    def summary(self) -> str:
+        parts = [f"{n} from {s}" for s, n in sorted(self.packed.items())]
+        if self.dense:
+            parts.append(f"{len(self.dense)} left dense ({self.dense[0]}{', ...' if len(self.dense) > 1 else ''})")
+        return f"quant {self.mode}: " + "; ".join(parts)
+
+
+def quantizable(kind: str, n: int, k: int) -> str | None:
+    """None when a (n, k) weight fits ``kind``'s kernel, else why not."""
+    if kind == "int4" and k % GROUP:
+        return f"input dim {k} is not a multiple of the int4 group {GROUP}"
+    return None
+
+
+# ---- a whole decoder ------------------------------------------------------------------------------
+
+# our fused projection -> its GGUF tensors, in row order (q | k | v and gate | up)
+_GGUF_PARTS = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
+               "down": ("ffn_down",)}
+
+
+def _llama_rows(n: int, heads: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's q/k permutation (as transformers' GGUF loader does)."""
+    dim = n // heads // 2
+    return torch.arange(n).reshape(heads, dim, 2).transpose(1, 2).reshape(n)
+
+
+class _GGUFSource:
+    """The raw tensors of a GGUF file, by name."""
+
+    def __init__(self, path: str):
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        self.tensors = {t.name: t for t in reader.tensors}
+        field_ = reader.fields.get("general.architecture")
+        self.arch = bytes(field_.parts[field_.data[0]]).decode() if field_ is not None else ""
+
+    def parts(self, layer: int, proj: str, cfg) -> list[tuple[str, np.ndarray, torch.Tensor | None]] | None:
+        out = []
+        for name in _GGUF_PARTS[proj]:
+            t = self.tensors.get(f"blk.{layer}.{name}.weight")
+            if t is None:
+                return None
+            rows = None
+            if self.arch == "llama" and name in ("attn_q", "attn_k"):
+                rows = _llama_rows(t.data.shape[0], cfg.num_heads if name == "attn_q" else cfg.num_kv_heads)
+            out.append((t.tensor_type.name, t.data, rows))
+        return out
+
+
+def _from_parts(parts, k: int, kind: str, bias: torch.Tensor | None) -> QuantLinear | None:
+    """One QuantLinear from the GGUF tensors of a fused projection (all packed the same way)."""
+    qtypes = {p[0] for p in parts}
+    if len(qtypes) != 1 or not qtypes <= {"Q4_0", "Q4_1", "Q8_0"}:
+        return None
+    qtype = qtypes.pop()
+    qs, ds, ms = [], [], []
+    for _, data, rows in parts:
+        q, d, m = gguf_blocks(qtype, data, k)
+        if rows is not None:
+            q, d, m = q[rows], d[rows], (None if m is None else m[rows])
+        qs.append(q)
+        ds.append(d)
+        ms.append(m)
+    q, d = torch.cat(qs), torch.cat(ds)
+    m = None if ms[0] is None else torch.cat(ms)
+    src = f"gguf {qtype}"
+    if kind == "int4" and qtype in ("Q4_0", "Q4_1"):
+        zero = torch.zeros_like(d) if m is None else m + 8 * d  # kernel: (q − 8) · d + zero
+        return int4_from_codes(q, d, zero, bias, src)
+    w = gguf_dequantize(qtype, q, d, m)
+    out = int4_from_dense(w, bias) if kind == "int4" else int8_from_dense(w, bias)
+    out.source = f"{src}, re-quantized"
+    return out
+
+
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+
+def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | None = None) -> QuantReport:
+    """Replace every decoder projection's matmul (and the output head's) by a quantized kernel, in
+    place. ``mode`` int4 / int8; ``gguf_path``: pack the layers straight from this GGUF's blocks
+    where their types allow, else quantize the loaded dense weights. ``head`` (default: int8 for
+    int4 mode, as GGUF files keep the output head at 8 bits) is the output head's kind.
+    Gated LoRA adapters stay in the dense dtype on top (``lora.GatedLoRAProj``)."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r} (choose from {', '.join(QUANT_MODES)})")
+    report = QuantReport(mode)
+    if mode == "none":
+        return report
+    src = _GGUFSource(gguf_path) if gguf_path else None
+    cfg = model.cfg
+    for i, layer in enumerate(model.layers):
+        for name in PROJECTIONS:
+            proj = getattr(layer, name)
+            n, k = proj.out_features, proj.in_features
+            why = quantizable(mode, n, k)
+            if why is not None:
+                report.dense.append(f"layers.{i}.{name}: {why}")
+                continue
+            bias = None if proj.bias is None else proj.bias.detach()
+            parts = src.parts(i, name, cfg) if src is not None else None
+            q = _from_parts(parts, k, mode, bias) if parts else None
+            if q is None:
+                w = proj.weight.detach()
+                q = int4_from_dense(w, bias) if mode == "int4" else int8_from_dense(w, bias)
+            set_quant(proj, q)
+            report.add(q.source)
+    head_kind = head or ("int8" if mode == "int4" else mode)
+    w = model.head_weight().detach()
+    why = quantizable(head_kind, *w.shape)
+    if why is not None:
+        report.dense.append(f"head: {why}")
+    else:
+        name = "output.weight" if src is not None and "output.weight" in src.tensors else "token_embd.weight"
+        t = src.tensors.get(name) if src is not None else None
+        hq = None
+        if t is not None and t.data.shape[0] == w.shape[0]:
+            hq = _from_parts([(t.tensor_type.name, t.data, None)], w.shape[1], head_kind, None)
+        if hq is None:
+            hq = int4_from_dense(w) if head_kind == "int4" else int8_from_dense(w)
+        hq.source = f"head: {hq.source}"
+        model.head_quant = hq
+        report.add(hq.source)
+    model.quant_mode = mode
+    return report
+
+
+def set_quant(proj, q: QuantLinear) -> None:
+    """Attach ``q`` to a projection and drop its dense weight (the bias moves into ``q``)."""
+    proj.quant = q
+    proj.weight = None
+    proj.bias = None
