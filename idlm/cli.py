@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the default prompts (the first K GSM8K test questions as chat prompts), the "
                                    "GSM8K accuracy of each run's outputs; PNG plots go to --plots.")
     b.add_argument("--modes", default="ar,isd", help="comma list of ar, isd (the engine), ar-b1, isd-b1 (the "
-                   "batch-1 decoders, one request at a time) and hf (transformers generate) (default ar,isd)")
+                   "batch-1 decoders, one request at a time), hf (transformers generate) and llamacpp (llama.cpp through "
+                   "llama-cpp-python on the same GGUF and prompt ids, greedy: pip install '.[compare]') (default ar,isd)")
     b.add_argument("--stride", default="3", help="ISD stride, or a comma list such as 2,3,auto (default 3); auto = "
                    "the engine picks N each step from the load")
     b.add_argument("--concurrency", default="1", help="requests in flight, or a comma list such as 1,4,8,16 "

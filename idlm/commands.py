@@ -210,7 +210,15 @@ def cmd_bench_http(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .eval.bench import MODES, run_batch1, run_engine, run_hf
+    from .eval.bench import (
+        LLAMACPP_HINT,
+        MODES,
+        llamacpp_available,
+        run_batch1,
+        run_engine,
+        run_hf,
+        run_llamacpp,
+    )
     from .eval.prompts import encode
 
     if args.server:
@@ -228,6 +236,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--concurrency values must be >= 1")
     fallbacks = [_fallback(f) for f in _list(args.fallback, "--fallback", str)]
     cfgs = [_decode_cfg(args, n, fallback=f) for n in strides for f in fallbacks]  # validates each stride
+    if "llamacpp" in modes and not llamacpp_available():
+        raise ConfigError(LLAMACPP_HINT)
     if "isd-b1" in modes and all(c.auto for c in cfgs):
         raise ConfigError("isd-b1 (the batch-1 decoder) needs a fixed --stride; auto is the engine's (mode isd)")
     params = _sampling(args, ignore_eos=args.ignore_eos)
@@ -238,7 +248,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         task = GSM8K()
         gsm = task.examples(args.prompts)
         texts = [e.prompt for e in gsm]
+    if "llamacpp" in modes and not params.greedy:
+        raise ConfigError("--modes llamacpp runs greedy decoding only (--temperature 0)")
     lm = _setup(args)
+    gguf = None
+    if "llamacpp" in modes:
+        from .model.loading import gguf_source
+
+        gguf = gguf_source(lm.folder)
+        if gguf is None:
+            raise ConfigError(f"--modes llamacpp runs llama.cpp on the model's GGUF file; {lm.name} was not loaded "
+                              "from a GGUF (use the default model, or --model FILE.gguf)")
     tok = lm.tokenizer()
     prompts = [encode(tok, t, chat=True) for t in texts]
     cost = None
@@ -265,6 +285,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 elif m == "isd-b1":
                     runs += [lambda d=d: run_batch1(lm, prompts, d, params, f"isd-b1 N={d.stride}")
                              for d in cfgs if not d.auto]
+                elif m == "llamacpp":
+                    runs.append(lambda: run_llamacpp(gguf, prompts, params, lm.model.cfg.eos_token_ids,
+                                                     torch.get_num_threads()))
                 else:
                     runs.append(lambda: run_hf(lm, prompts, params, DTYPES[args.dtype]))
     trials = [[] for _ in runs]
@@ -282,16 +305,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plots:
         from .eval.plots import write_bench_plots
 
-        paths = write_bench_plots(rows, args.plots, f"{lm.name}, {len(prompts)} prompts, {args.dtype}")
+        paths = write_bench_plots(rows, args.plots, f"{lm.name}, {len(prompts)} prompts, {args.dtype}, quant {args.quant}")
         print("plots: " + ", ".join(str(p) for p in paths))
     print(json.dumps({"prompts": len(prompts), "max_new_tokens": params.max_new_tokens, "dtype": args.dtype,
+                      "quant": args.quant,
                       "repeats": args.repeats,
                       "threads": torch.get_num_threads(), "results": rows}))
     return 0
 
 
 def _print_bench(results, prompts, params, args) -> None:
-    print(f"{len(prompts)} prompts, max {params.max_new_tokens} new tokens, dtype {args.dtype}, "
+    print(f"{len(prompts)} prompts, max {params.max_new_tokens} new tokens, dtype {args.dtype}, quant {args.quant}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin run(s); "
           f"'vs AR' = total tok/s / engine AR at the same concurrency")
     print(f"{'mode':<7}{'N':>5}{'fb':>5}{'C':>4}{'tokens':>8}{'TPF':>6}{'total/s':>9}{'req/s':>8}{'p50 s':>7}"
@@ -358,11 +382,12 @@ def cmd_forward_cost(args: argparse.Namespace) -> int:
         raise ConfigError("--windows, --prefix and --reps must be positive")
     lm = _setup(args)
     rows = forward_cost(lm, args.prefix, windows, args.reps)
-    print(f"prefix {args.prefix} tokens, dtype {args.dtype}, {torch.get_num_threads()} threads, median of {args.reps}")
+    print(f"prefix {args.prefix} tokens, dtype {args.dtype}, quant {args.quant}, {torch.get_num_threads()} threads, "
+          f"median of {args.reps}")
     print(f"{'window':>7}{'ms':>9}{'vs 1':>7}")
     for r in rows:
         print(f"{r['window']:>7}{r['ms']:>9.2f}{r['ratio_vs_1']:>7.2f}")
-    print(json.dumps({"prefix": args.prefix, "dtype": args.dtype, "results": rows}))
+    print(json.dumps({"prefix": args.prefix, "dtype": args.dtype, "quant": args.quant, "results": rows}))
     return 0
 
 

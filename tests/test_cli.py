@@ -120,3 +120,31 @@ def test_bench_scores_the_gsm8k_slice(tmp_path: Path) -> None:
     rec = json.loads(r.stdout.strip().splitlines()[-1])
     ar, isd = rec["results"]
     assert set(ar["gsm8k"]) == {"strict", "flexible"} and ar["gsm8k"] == isd["gsm8k"]  # identical outputs
+
+
+def test_bench_llamacpp_without_the_package_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from idlm.eval import bench
+
+    monkeypatch.setattr(bench, "llamacpp_available", lambda: False)
+    assert main(["bench", "--modes", "ar,llamacpp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs llama-cpp-python: pip install '.[compare]'" in err[0]
+
+
+def test_bench_llamacpp_runs_the_same_gguf_and_prompt_ids(tmp_path: Path) -> None:
+    """The llama.cpp peer (``pip install '.[compare]'``) on the default GGUF: same prompt ids, greedy. Its
+    kernels are not ours, so long outputs part after a while; a short plain factual answer is the same."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[compare]')")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is the capital of France? Answer in one sentence.\n")
+    r = run_cli(["bench", "--modes", "ar,llamacpp", "--prompts", "1", "--prompt-file", str(prompts),
+                 "--max-new-tokens", "6", "--threads", "2", "--quant", "int4", "--kv-cache-gb", "0.1", "--plots", ""])
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec["quant"] == "int4"
+    ar, cpp = rec["results"]
+    assert ar["mode"] == "ar" and ar["identical"] == 1.0
+    assert cpp["mode"] == "llamacpp" and cpp["tokens"] == 6 and cpp["total_tokens_per_s"] > 0
+    assert "llamacpp" in r.stdout
+    assert cpp["identical"] == 1.0  # the same six greedy tokens as idlm int4 AR on a plain factual answer

@@ -130,8 +130,8 @@ def _cpu_name() -> str:
 def _machine_key(model) -> str:
     cfg = model.cfg
     parts = [cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-             cfg.vocab_size, model.has_adapters, str(model.dtype), getattr(model, "quant_mode", "none"), torch.get_num_threads(), torch.__version__,
-             _cpu_name(), CALIBRATION_ROWS]
+             cfg.vocab_size, model.has_adapters, str(model.dtype), getattr(model, "quant_mode", "none"),
+             torch.get_num_threads(), torch.__version__, _cpu_name(), CALIBRATION_ROWS]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 

@@ -24,12 +24,14 @@ from ..metrics import DecodeStats
 from ..model import LoadedModel
 
 B1_MODES = ("ar-b1", "isd-b1")  # the batch-1 reference decoders, one request at a time
-MODES = ("ar", "isd", "hf", *B1_MODES)
+MODES = ("ar", "isd", "hf", "llamacpp", *B1_MODES)
+LLAMACPP_HINT = ("--modes llamacpp needs llama-cpp-python: pip install '.[compare]' (or 'idlm[compare]'; PyPI has "
+                 "only its source, which builds in ~5 minutes)")
 
 
 @dataclass
 class RunResult:
-    mode: str  # ar | isd (engine), hf, ar-b1 | isd-b1 (batch-1 decoders)
+    mode: str  # ar | isd (engine), hf, llamacpp, ar-b1 | isd-b1 (batch-1 decoders)
     stride: int | str  # N (1 for AR), or "auto"
     fallback: bool | str  # ISD fallback drafts: on, off, or auto (chosen per step)
     concurrency: int  # requests in flight
@@ -162,6 +164,44 @@ def run_hf(lm: LoadedModel, prompts: list[list[int]], params: SamplingParams, dt
         res.latencies.append(time.perf_counter() - t)
         res.outputs.append(y[0, len(ids):].tolist())
     res.seconds = time.perf_counter() - t0
+    return res
+
+
+def llamacpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def run_llamacpp(gguf_path: str, prompts: list[list[int]], params: SamplingParams, eos: tuple[int, ...],
+                 threads: int) -> RunResult:
+    """llama.cpp (through llama-cpp-python) greedy on the same GGUF file and the same prompt token ids,
+    one prompt after the other with ``threads`` threads: the peer a CPU user would pick."""
+    from llama_cpp import Llama
+
+    if not params.greedy:
+        raise ValueError("the llamacpp bench mode runs greedy decoding only (use --temperature 0)")
+    n_ctx = max(len(p) for p in prompts) + params.max_new_tokens + 8
+    llm = Llama(model_path=gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False)
+    stop = set() if params.ignore_eos else set(eos) | set(params.stop_token_ids)
+
+    def one(ids: list[int]) -> list[int]:
+        out: list[int] = []
+        for t in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+            out.append(int(t))
+            if len(out) >= params.max_new_tokens or t in stop:
+                break
+        return out
+
+    one(prompts[0][:16])  # warm-up, not timed
+    res = RunResult("llamacpp", 1, False, 1)
+    t0 = time.perf_counter()
+    for ids in tqdm(prompts, desc="llamacpp", leave=False, disable=None):
+        t = time.perf_counter()
+        res.outputs.append(one(ids))
+        res.latencies.append(time.perf_counter() - t)
+    res.seconds = time.perf_counter() - t0
+    llm.close()
     return res
 
 

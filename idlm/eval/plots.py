@@ -9,7 +9,7 @@ from pathlib import Path
 def _label(r: dict) -> str:
     if r["mode"] == "isd":
         return f"ISD N={r['stride']}"
-    return {"ar": "AR (engine)", "hf": "transformers generate", "ar-b1": "AR batch-1",
+    return {"ar": "AR (engine)", "hf": "transformers generate", "llamacpp": "llama.cpp", "ar-b1": "AR batch-1",
             "isd-b1": f"ISD batch-1 N={r['stride']}"}.get(r["mode"], r["mode"])
 
 
