@@ -51,7 +51,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     q: (Hkv, R, G, T, D) — R sequences, T query rows each, G query heads per K/V head.
     k, v: (Hkv, R, S, D) with S a multiple of KEY_BLOCK (any strides).
     bias: (R, T, S) fp32, 0 where a row may attend and -inf elsewhere; every row must see a key.
-    Returns (Hkv, R, G, T, D) fp32.
+    Returns (Hkv, R, G, T, D): fp32, or v's dtype when S is one key block (the exact same values).
     """
     hkv, r, g, t, d = q.shape
     s_len = k.shape[2]
@@ -66,10 +66,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
         bias = torch.cat([bias, bias[:, :1].expand(r, tp - t, s_len)], 1)
     m = g * tp
     scores = torch.matmul(q.reshape(b, m, d), k.reshape(b, s_len, d).transpose(1, 2))  # (B, M, S)
-    scores = scores.float().view(hkv, r, g, tp, s_len).mul_(d ** -0.5).add_(bias[None, :, None])
+    # one fp32 op: bias + scale · scores (the fp32 upcast of the scores is exact)
+    scores = torch.add(bias[None, :, None], scores.view(hkv, r, g, tp, s_len), alpha=d ** -0.5)
     p = torch.softmax(scores, -1).to(v.dtype).view(b, m, nb, KEY_BLOCK).transpose(1, 2)  # (B, nb, M, KB)
-    o = torch.matmul(p, v.reshape(b, nb, KEY_BLOCK, d)).float()  # (B, nb, M, D): per-block partials
-    o = _tree_sum(o) if nb > 1 else o[:, 0]
+    o = torch.matmul(p, v.reshape(b, nb, KEY_BLOCK, d))  # (B, nb, M, D): per-block partials
+    # one block: its partial is the output (in v's dtype; an fp32 copy would add nothing)
+    o = _tree_sum(o.float()) if nb > 1 else o[:, 0]
     return o.view(hkv, r, g, tp, d)[:, :, :, :t]
 
 

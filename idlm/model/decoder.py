@@ -157,8 +157,8 @@ class PagedBatch:
 
 
 def _cache_attention(q: torch.Tensor, cache: KVCache, layer: int, bias: torch.Tensor) -> torch.Tensor:
-    """q (B, H, T, D) over the cache's first S slots (bias (B, T, S)) -> (B, T, H*D) fp32, in tiles of
-    at most QUERY_TILE rows, each over the keys its rows can see."""
+    """q (B, H, T, D) over the cache's first S slots (bias (B, T, S)) -> (B, T, H*D) (fp32, or the K/V
+    dtype for one key block), in tiles of at most QUERY_TILE rows, each over the keys its rows can see."""
     b, h, t, d = q.shape
     hkv = cache.k.shape[2]
     q5 = q.view(b, hkv, h // hkv, t, d).transpose(0, 1)  # (Hkv, B, G, T, D)
@@ -174,7 +174,7 @@ def _cache_attention(q: torch.Tensor, cache: KVCache, layer: int, bias: torch.Te
 
 
 def _paged_attention(q: torch.Tensor, pool: PagedKV, layer: int, batch: PagedBatch) -> torch.Tensor:
-    """q (1, H, T, D) of a flat batch -> (1, T, H*D) fp32: each group gathers its keys from the pool."""
+    """q (1, H, T, D) of a flat batch -> (1, T, H*D) (as ``attend``): each group gathers its keys from the pool."""
     _, h, t, d = q.shape
     hkv = pool.k.shape[1]
     out = q.new_zeros(t, h * d, dtype=torch.float32)  # padding rows (no group) attend to nothing
@@ -196,7 +196,7 @@ def _paged_attention(q: torch.Tensor, pool: PagedKV, layer: int, batch: PagedBat
                 return o[None]
             out[: r * tg] = o
         else:
-            out[g.dst] = o[g.src]
+            out[g.dst] = o[g.src].float()
     return out[None]
 
 
