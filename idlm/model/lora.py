@@ -81,13 +81,21 @@ class GatedLoRAProj(Proj):
         return y
 
     def _quant_forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """Quantized base (inference only): y = Q(x) + gate · (scale · B (A x)), A and B dense."""
+        """Quantized base (inference only): y = Q(x) + gate · (scale · B (A x)). ``quantize_model`` packs
+        A as extra output rows of the same kernel (quantized like W; B stays dense), as the dense
+        path fuses ``[W; A]``; an adapter added after quantization runs A densely."""
         if torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
             raise RuntimeError("a quantized base is for inference; train adapters over a dense base")
         y = self.quant(x)
-        if gate is None:
-            return y
-        t = row_stable_linear(x, self.lora_A.to(x.dtype))
+        n = self.out_features
+        if y.shape[-1] == n:
+            if gate is None:
+                return y
+            t = row_stable_linear(x, self.lora_A.to(x.dtype))
+        else:
+            y, t = y[..., :n], y[..., n:]
+            if gate is None:
+                return y
         return y.addcmul_(row_stable_linear(t, self._scaled_b(x.dtype)), gate.to(x.dtype).view(*x.shape[:-1], 1))
 
     def _fused(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -92,9 +92,9 @@ def int4_from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return QuantLinear("int4", n, k, packed, sz, bias, source)
 
 
-def int4_from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> QuantLinear:
-    """Asymmetric min/max quantization per group of GROUP input columns. The scale and zero are
-    rounded to bf16 first and the codes chosen against the rounded values (the ones used)."""
+def int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization per group of GROUP input columns → (codes, scale, zero). The
+    scale and zero are rounded to bf16 first and the codes chosen against the rounded values."""
     n, k = w.shape
     wg = w.float().reshape(n, k // GROUP, GROUP)
     lo, hi = wg.amin(-1), wg.amax(-1)
@@ -102,16 +102,44 @@ def int4_from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> QuantL
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: any scale works
     zero = (lo + 8 * scale).to(COMPUTE_DTYPE).float()
     codes = ((wg - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.int32)
-    return int4_from_codes(codes.reshape(n, k), scale, zero, bias)
+    return codes.reshape(n, k), scale, zero
 
 
-def int8_from_dense(w: torch.Tensor, bias: torch.Tensor | None = None, source: str = "dense") -> QuantLinear:
+def int4_from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> QuantLinear:
+    """``int4_codes`` packed."""
+    return int4_from_codes(*int4_codes(w), bias)
+
+
+def int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: scale = max|w| / 127 (rounded to bf16), codes = round(w / scale)."""
     w = w.float()
     scale = (w.abs().amax(1) / 127).to(COMPUTE_DTYPE).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+    return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8), scale
+
+
+def int8_from_dense(w: torch.Tensor, bias: torch.Tensor | None = None, source: str = "dense") -> QuantLinear:
+    """``int8_codes`` as a layer."""
+    codes, scale = int8_codes(w)
     return QuantLinear("int8", w.shape[0], w.shape[1], codes.contiguous(), scale.to(COMPUTE_DTYPE), bias, source)
+
+
+def _pack(spec: tuple, bias: torch.Tensor | None, source: str, extra: torch.Tensor | None = None) -> QuantLinear:
+    """A layer from codes: spec ("int4", codes, scale, zero) or ("int8", codes, scale). ``extra`` (r, K)
+    dense rows (a gated LoRA's A) are quantized the same way and appended as output rows r: one
+    kernel call gives x Wᵀ and x Aᵀ (the W columns are bit-identical to W's alone: tests)."""
+    kind = spec[0]
+    if extra is not None:
+        more = int4_codes(extra) if kind == "int4" else int8_codes(extra)
+        spec = (kind, *(torch.cat([a, b.to(a.dtype)]) for a, b in zip(spec[1:], more)))
+        if bias is not None:
+            bias = torch.cat([bias, bias.new_zeros(extra.shape[0])])
+    if kind == "int4":
+        q = int4_from_codes(spec[1], spec[2], spec[3], bias, source)
+    else:
+        q = QuantLinear("int8", spec[1].shape[0], spec[1].shape[1], spec[1].contiguous(), spec[2].to(COMPUTE_DTYPE),
+                        bias, source)
+    return q
 
 
 # ---- GGUF blocks ---------------------------------------------------------------------------------
@@ -163,6 +191,7 @@ class QuantReport:
     mode: str
     packed: dict[str, int] = field(default_factory=dict)
     dense: list[str] = field(default_factory=list)
+    lora_fused: int = 0  # projections whose gated-LoRA A is packed into the same kernel (as extra rows)
 
     def add(self, source: str) -> None:
         self.packed[source] = self.packed.get(source, 0) + 1
@@ -171,6 +200,8 @@ class QuantReport:
         parts = [f"{n} from {s}" for s, n in sorted(self.packed.items())]
         if self.dense:
             parts.append(f"{len(self.dense)} left dense ({self.dense[0]}{', ...' if len(self.dense) > 1 else ''})")
+        if self.lora_fused:
+            parts.append(f"gated LoRA A packed into {self.lora_fused} kernels, B in bf16")
         return f"quant {self.mode}: " + "; ".join(parts)
 
 
@@ -218,8 +249,8 @@ class _GGUFSource:
         return out
 
 
-def _from_parts(parts, k: int, kind: str, bias: torch.Tensor | None) -> QuantLinear | None:
-    """One QuantLinear from the GGUF tensors of a fused projection (all packed the same way)."""
+def _spec_from_parts(parts, k: int, kind: str) -> tuple[tuple, str] | None:
+    """Codes for one fused projection from its GGUF tensors (all packed the same way), and their source."""
     qtypes = {p[0] for p in parts}
     if len(qtypes) != 1 or not qtypes <= {"Q4_0", "Q4_1", "Q8_0"}:
         return None
@@ -237,11 +268,18 @@ def _from_parts(parts, k: int, kind: str, bias: torch.Tensor | None) -> QuantLin
     src = f"gguf {qtype}"
     if kind == "int4" and qtype in ("Q4_0", "Q4_1"):
         zero = torch.zeros_like(d) if m is None else m + 8 * d  # kernel: (q − 8) · d + zero
-        return int4_from_codes(q, d, zero, bias, src)
-    w = gguf_dequantize(qtype, q, d, m)
-    out = int4_from_dense(w, bias) if kind == "int4" else int8_from_dense(w, bias)
-    out.source = f"{src}, re-quantized"
-    return out
+        return ("int4", q, d, zero), src
+    w = gguf_dequantize(qtype, q, d, m)  # exact fp32 values, re-quantized for the kernel
+    return _dense_spec(w, kind), f"{src}, re-quantized"
+
+
+def _dense_spec(w: torch.Tensor, kind: str) -> tuple:
+    return ("int4", *int4_codes(w)) if kind == "int4" else ("int8", *int8_codes(w))
+
+
+def _from_parts(parts, k: int, kind: str, bias: torch.Tensor | None) -> QuantLinear | None:
+    got = _spec_from_parts(parts, k, kind)
+    return None if got is None else _pack(got[0], bias, got[1])
 
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
@@ -270,12 +308,13 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
                 continue
             bias = None if proj.bias is None else proj.bias.detach()
             parts = src.parts(i, name, cfg) if src is not None else None
-            q = _from_parts(parts, k, mode, bias) if parts else None
-            if q is None:
-                w = proj.weight.detach()
-                q = int4_from_dense(w, bias) if mode == "int4" else int8_from_dense(w, bias)
+            got = _spec_from_parts(parts, k, mode) if parts else None
+            spec, source = got if got is not None else (_dense_spec(proj.weight.detach(), mode), "dense")
+            lora_a = getattr(proj, "lora_A", None)  # R-ISD: A rides in the same kernel call
+            q = _pack(spec, bias, source, None if lora_a is None else lora_a.detach())
             set_quant(proj, q)
             report.add(q.source)
+            report.lora_fused += lora_a is not None
     head_kind = head or ("int8" if mode == "int4" else mode)
     w = model.head_weight().detach()
     why = quantizable(head_kind, *w.shape)

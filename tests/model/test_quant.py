@@ -17,7 +17,9 @@ from idlm.model import Decoder, ModelConfig
 from idlm.model.loading import ModelLoadError, default_gguf_path, load_model
 from idlm.model.quant import (
     QuantLinear,
+    _dense_spec,
     _llama_rows,
+    _pack,
     gguf_blocks,
     gguf_dequantize,
     int4_from_codes,
@@ -132,6 +134,25 @@ def test_quant_linear_equals_dequantize_then_matmul_and_is_row_stable(kind: str,
     for m in (1, 2, 3, 5, 8, 9, 16, 17, 33):  # row-stable: a row's bits do not depend on the row count
         assert torch.equal(lin(x[:m].to(torch.bfloat16)), y[:m]), f"{kind}: rows differ at M={m}"
     assert lin(x[:3]).dtype == torch.float32  # returns the caller's dtype
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@torch.inference_mode()
+def test_lora_a_rows_packed_into_the_kernel_leave_the_base_columns_bit_identical(kind: str) -> None:
+    """R-ISD's A rides in the base kernel call as extra output rows: the base columns must be exactly the
+    base layer's alone (the clean path stays the quantized base model), for every row count."""
+    g = torch.Generator().manual_seed(3)
+    w, a, bias = torch.randn(96, 64, generator=g), torch.randn(32, 64, generator=g) * 0.1, torch.randn(96, generator=g)
+    spec = _dense_spec(w, kind)
+    alone, fused = _pack(spec, bias, "dense"), _pack(spec, bias, "dense", extra=a)
+    assert fused.out_features == 96 + 32
+    x = torch.randn(33, 64, generator=g).to(torch.bfloat16)
+    for m in (1, 2, 3, 5, 8, 9, 17, 33):
+        y = fused(x[:m])
+        assert torch.equal(y[:, :96], alone(x[:m])), f"{kind}: base columns moved at M={m}"
+    t = fused(x)[:, 96:].float()
+    ref = x.float() @ a.T
+    assert (t - ref).abs().max() < (0.1 if kind == "int4" else 0.02) * ref.abs().max()  # A's quantization error
 
 
 def _dequantized(lin: QuantLinear, k: int) -> torch.Tensor:
