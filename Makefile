@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.idlm-installed
 
-.PHONY: demo test test-slow setup bench verify clean browser-deps serve
+.PHONY: demo test test-slow setup bench verify clean browser-deps serve compare
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test-slow: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/idlm serve
+
+# The llama.cpp peer for `idlm bench --modes llamacpp` (llama-cpp-python builds from source: ~5 minutes).
+compare: $(STAMP)
+	$(PIP) install -q -e ".[compare]"
 
 verify: $(STAMP)
 	$(VENV)/bin/idlm verify --stride 3 --prompts 4 --max-new-tokens 128

@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 
-from .config import QUANT_DEFAULT, QUANT_MODES
+from .config import QUANT_CHOICES, QUANT_DEFAULT
 
 EXIT_USAGE = 2
 
@@ -36,10 +36,11 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default: str | None, dtype
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=dtype_default,
                    help=f"weight/activation dtype (default {dtype_note or dtype_default}); greedy ISD reproduces "
                         "greedy AR bit for bit in both (see README)")
-    p.add_argument("--quant", choices=QUANT_MODES, default=QUANT_DEFAULT,
+    p.add_argument("--quant", choices=QUANT_CHOICES, default=QUANT_DEFAULT,
                    help="weight-only quantization with PyTorch's CPU kernels: int4 (groups of 32; a GGUF's "
-                        "Q4_0/Q4_1 blocks packed as they are), int8 (per row), none = the dense --dtype weights "
-                        f"(default {QUANT_DEFAULT}); activations run in bf16; greedy ISD == greedy AR in each")
+                        "Q4_0/Q4_1 blocks packed as they are), int8 (per row), none = the dense --dtype weights, "
+                        "auto = int4 for a GGUF with Q4 blocks on the CPU, else none "
+                        f"(default {QUANT_DEFAULT}); greedy ISD == greedy AR of the same network in each")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 
 
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--models", nargs="+", default=None, metavar="PATH_OR_ID",
                     help="nll: models to compare side by side (default: --model); the first is the reference")
     ev.add_argument("--max-len", type=int, default=1024, help="nll: truncate prompt + response (default 1024)")
+    ev.add_argument("--quants", default=None, help="nll: comma list of weight quantizations to score each model "
+                    "under, side by side, e.g. none,int8,int4 (default: --quant)")
     ev.add_argument("--json", action="store_true", help="print only the final JSON line on stdout")
     _add_fallback_arg(ev)
     _add_engine_args(ev)
@@ -283,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("threads", int)):
         default = getattr(d0, name)
         extra = {"mode": {"choices": ("isd", "ar")}, "dtype": {"choices": ("fp32", "bf16")},
-                 "quant": {"choices": QUANT_MODES}}.get(name, {})
+                 "quant": {"choices": QUANT_CHOICES}}.get(name, {})
         sv.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=default,
                         help=helps.get(name, "") + ("" if default is None else f" (default {default})"), **extra)
 

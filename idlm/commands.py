@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, DecodeConfig, SamplingParams
+from .config import QUANT_CHOICES, ConfigError, DecodeConfig, SamplingParams
 from .model import LoadedModel, ModelLoadError, UnsupportedModelError, load_model
 
 USER_ERRORS = (ConfigError, ModelLoadError, UnsupportedModelError, FileNotFoundError)
@@ -29,6 +29,8 @@ def _setup(args: argparse.Namespace) -> LoadedModel:
     lm = load_model(args.model, dtype=DTYPES[args.dtype], quant=getattr(args, "quant", "none"))
     if lm.quant is not None:
         print(f"idlm: {lm.quant.summary()}", file=sys.stderr)
+    if hasattr(args, "quant"):
+        args.quant = getattr(lm.model, "quant_mode", "none")  # what auto chose, for the reports
     if lm.meta is not None and getattr(lm.meta, "attention", "causal") != "causal" and args.command != "iar":
         print(f"idlm: note: {lm.name} was trained with {lm.meta.attention} attention (a baseline for `idlm iar`); "
               "ISD runs MASK rows causally, so its drafts are off-distribution (the output is still exact)",
@@ -444,17 +446,23 @@ def _eval_nll(args: argparse.Namespace) -> int:
     if args.server:
         raise ConfigError("--task nll scores in process; --server is for gsm8k and humaneval")
     args.dtype = args.dtype or "fp32"
+    quants = _list(args.quants, "--quants", str) if args.quants else [args.quant]
+    bad = [q for q in quants if q not in QUANT_CHOICES]
+    if bad:
+        raise ConfigError(f"--quants takes a comma list of {', '.join(QUANT_CHOICES)}; got {args.quants!r}")
     rows = []
     for name in args.models or [args.model or "default"]:
-        args.model = None if name == "default" else name
-        lm = _setup(args)
-        try:
-            samples = load_samples([args.data], LazyTokenizer(lm))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        samples = samples[: args.limit] if args.limit else samples
-        res = response_nll(lm.model, samples, args.max_len, progress=sys.stderr.isatty())
-        rows.append({"model": name, **res.to_json()})
+        for quant in quants:
+            args.model, args.quant = (None if name == "default" else name), quant
+            lm = _setup(args)
+            try:
+                samples = load_samples([args.data], LazyTokenizer(lm), evaluation=True)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            samples = samples[: args.limit] if args.limit else samples
+            res = response_nll(lm.model, samples, args.max_len, progress=sys.stderr.isatty())
+            label = f"{name} [{args.dtype}, {args.quant}]"
+            rows.append({"model": label, "dtype": args.dtype, "quant": args.quant, **res.to_json()})
     ref = rows[0]["nll"]
     out = sys.stderr if args.json else sys.stdout
     print(f"{'model':<40} {'nll':>8} {'ppl':>8} {'top-1':>6} {'vs first':>9}", file=out)

@@ -17,7 +17,10 @@ AUTO_MAX_STRIDE = 4  # --stride auto chooses N in 1..this each step
 SAMPLING_MODES = ("exact", "coupled", "reference")
 MAX_LOGPROBS = 20
 QUANT_MODES = ("none", "int8", "int4")  # weight-only quantization (idlm/model/quant.py)
-QUANT_DEFAULT = "none"
+# auto: int4 on the CPU when the weights come from a GGUF whose projections are Q4_0 / Q4_1 blocks (packed as
+# they are: nothing lost beyond the file's own quantization; the fastest measured here), else none
+QUANT_CHOICES = ("auto", *QUANT_MODES)
+QUANT_DEFAULT = "auto"
 
 
 class ConfigError(ValueError):
@@ -148,7 +151,7 @@ class ServerConfig:
     stride: int | str = "auto"  # ISD stride N in 2..8, or auto (the engine picks N each step from the load)
     mode: str = "isd"  # default decoder for requests that do not say: isd or ar
     dtype: str = "bf16"  # fp32 or bf16
-    quant: str = QUANT_DEFAULT  # weight-only quantization: none, int8 or int4 (CPU kernels; see README)
+    quant: str = QUANT_DEFAULT  # weight-only quantization: auto, none, int8 or int4 (CPU kernels; see README)
     api_key: str | None = None  # require 'Authorization: Bearer KEY' on /v1/*, /metrics and the tokenizer routes
     # (default: $IDLM_API_KEY; none = open)
     max_running: int = 16  # requests decoding at once

@@ -246,12 +246,15 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
                quant: str = "none") -> LoadedModel:
     """Load a base model (or converted I-DLM) by name: None = embedded default, a folder, a .gguf, a hub id.
     ``quant`` int4 / int8: weight-only quantized projections and head (``quant.quantize_model``; from a
-    GGUF's own blocks when the weights came from one). The report is ``LoadedModel.quant``."""
-    from .quant import QUANT_MODES, quantize_model
+    GGUF's own blocks when the weights came from one); auto: ``quant.auto_quant``. The report is
+    ``LoadedModel.quant``."""
+    from .quant import QUANT_CHOICES, auto_quant, quantize_model
 
-    if quant not in QUANT_MODES:
-        raise ModelLoadError(f"unknown quantization {quant!r} (choose from {', '.join(QUANT_MODES)})")
+    if quant not in QUANT_CHOICES:
+        raise ModelLoadError(f"unknown quantization {quant!r} (choose from {', '.join(QUANT_CHOICES)})")
     loaded = _load(name, dtype, device)
+    if quant == "auto":
+        quant = auto_quant(gguf_source(loaded.folder), device)
     if quant != "none":
         if device != "cpu":
             raise ModelLoadError(f"--quant {quant} uses PyTorch's CPU kernels; it runs on the CPU only")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import QUANT_MODES
+from ..config import QUANT_CHOICES, QUANT_MODES  # noqa: F401 (QUANT_CHOICES re-exported)
 
 GROUP = 32  # int4 group size: GGUF's block size, and the smallest the kernel accepts
 _N_ALIGN = 16  # the int4 packer needs the output dim divisible by this
@@ -333,6 +333,19 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
         report.add(hq.source)
     model.quant_mode = mode
     return report
+
+
+def auto_quant(gguf_path: str | None, device: str = "cpu") -> str:
+    """``--quant auto``: int4 on the CPU when the weights come from a GGUF whose projections are all Q4_0 /
+    Q4_1 (their codes go into the kernel as they are, so nothing is lost beyond the file's own
+    quantization), else none (dense weights are not quantized unless asked)."""
+    if device != "cpu" or gguf_path is None:
+        return "none"
+    from gguf import GGUFReader
+
+    types = {t.tensor_type.name for t in GGUFReader(gguf_path).tensors
+             if t.name.startswith("blk.") and any(f".{p}." in t.name for parts in _GGUF_PARTS.values() for p in parts)}
+    return "int4" if types and types <= {"Q4_0", "Q4_1"} else "none"
 
 
 def set_quant(proj, q: QuantLinear) -> None:

@@ -214,12 +214,15 @@ class LazyTokenizer:
         return self.__getattr__("__call__")(*args, **kwargs)
 
 
-def load_samples(paths: list[str] | tuple[str, ...], tokenizer: Any = None) -> list[Sample]:
+def load_samples(paths: list[str] | tuple[str, ...], tokenizer: Any = None, evaluation: bool = False) -> list[Sample]:
     """Training samples from JSONL records with ``prompt_ids``/``response_ids`` (as written by
-    ``generate_data``) or, given a tokenizer, {"prompt", "response"} / {"messages"} text records."""
+    ``generate_data``) or, given a tokenizer, {"prompt", "response"} / {"messages"} / GSM8K's
+    {"question", "answer"} text records. ``evaluation``: scoring only (``idlm eval --task nll``), so an
+    evaluation split such as GSM8K test is allowed; training loads refuse it."""
     out: list[Sample] = []
     for p in paths:
-        _check_not_test(Path(p))
+        if not evaluation:
+            _check_not_test(Path(p))
         for rec in _read_jsonl(Path(p)):
             s = _sample_from_record(rec, tokenizer, p)
             if s is not None and s.response_ids:
@@ -239,6 +242,8 @@ def _sample_from_record(rec: dict[str, Any], tok: Any, path: str) -> Sample | No
         if not msgs or msgs[-1]["role"] != "assistant":
             return None
         prompt, response = msgs[:-1], msgs[-1]["content"]
+    elif "question" in rec and "answer" in rec:  # GSM8K: the reference solution as the response
+        prompt, response = [{"role": "user", "content": rec["question"]}], rec["answer"]
     else:
         prompt, response = [{"role": "user", "content": rec["prompt"]}], rec["response"]
     ptext = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)

@@ -241,6 +241,26 @@ def test_a_layer_the_int4_kernel_cannot_take_stays_dense_and_is_reported() -> No
     assert (after - before).abs().max() < 0.1 * before.abs().max()
 
 
+def test_auto_quant_is_int4_for_a_q4_gguf_on_the_cpu_and_none_otherwise(tmp_path) -> None:
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    from idlm.model.quant import auto_quant
+
+    assert auto_quant(str(default_gguf_path())) == "int4"  # Q4_1 projections: packed as they are
+    assert auto_quant(str(default_gguf_path()), device="cuda") == "none"
+    assert auto_quant(None) == "none"  # safetensors weights are quantized only when asked
+    w = GGUFWriter(str(tmp_path / "q8.gguf"), "llama")  # a Q8_0 file: int4 would lose precision, so none
+    from gguf.quants import quantize
+
+    w.add_tensor("blk.0.attn_q.weight", quantize(np.ones((32, 64), np.float32), GGMLQuantizationType.Q8_0),
+                 raw_dtype=GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert auto_quant(str(tmp_path / "q8.gguf")) == "none"
+
+
 def test_unknown_quant_mode_is_a_clear_error() -> None:
     with pytest.raises(ModelLoadError, match="unknown quantization 'int3'"):
         load_model("base", quant="int3")
