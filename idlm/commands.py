@@ -352,7 +352,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tok = lm.tokenizer()
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     cfg = _decode_cfg(args, args.stride)
-    print(f"model: {lm.name} ({args.dtype}), ISD stride N={cfg.stride}, greedy, {torch.get_num_threads()} threads")
+    print(f"model: {lm.name} ({args.dtype}, quant {args.quant}), ISD stride N={cfg.stride}, greedy, "
+          f"{torch.get_num_threads()} threads")
     if lm.meta is None:
         print("note: this is the base model with no converted I-DLM drafter, so its MASK drafts are rarely "
               "accepted and TPF stays near 1; ISD output is still identical to AR.\n")
