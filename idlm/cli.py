@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="nll: models to compare side by side (default: --model); the first is the reference")
     ev.add_argument("--max-len", type=int, default=1024, help="nll: truncate prompt + response (default 1024)")
     ev.add_argument("--quants", default=None, help="nll: comma list of weight quantizations to score each model "
-                    "under, side by side, e.g. none,int8,int4 (default: --quant)")
+                    "under, side by side, e.g. none,int8,int4 (default: --quant, where auto means none for nll)")
     ev.add_argument("--json", action="store_true", help="print only the final JSON line on stdout")
     _add_fallback_arg(ev)
     _add_engine_args(ev)

@@ -447,7 +447,9 @@ def _eval_nll(args: argparse.Namespace) -> int:
     if args.server:
         raise ConfigError("--task nll scores in process; --server is for gsm8k and humaneval")
     args.dtype = args.dtype or "fp32"
-    quants = _list(args.quants, "--quants", str) if args.quants else [args.quant]
+    # nll measures quality: the dense weights unless a quantization is asked for (auto would make a GGUF base
+    # int4 and a converted safetensors model dense, an unequal comparison)
+    quants = _list(args.quants, "--quants", str) if args.quants else ["none" if args.quant == "auto" else args.quant]
     bad = [q for q in quants if q not in QUANT_CHOICES]
     if bad:
         raise ConfigError(f"--quants takes a comma list of {', '.join(QUANT_CHOICES)}; got {args.quants!r}")

@@ -55,3 +55,18 @@ def test_eval_nll_command(folder: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["eval", "--task", "nll", "--models", str(folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("idlm: error:")
+
+
+def test_eval_nll_scores_each_quantization_side_by_side(folder: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in toy_records(3)))
+    assert main(["eval", "--task", "nll", "--models", str(folder), "--quants", "none,int8,int4", "--data", str(data),
+                 "--threads", "1"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert [(r["dtype"], r["quant"]) for r in rows] == [("fp32", "none"), ("fp32", "int8"), ("fp32", "int4")]
+    ref = rows[0]["nll"]
+    for r in rows[1:]:  # quantized weights: a different network, close to the dense one
+        assert r["nll"] != ref and abs(r["nll"] / ref - 1) < 0.1, r
+    assert main(["eval", "--task", "nll", "--models", str(folder), "--quants", "int3", "--data", str(data)]) == 2
+    assert "--quants takes a comma list" in capsys.readouterr().err
