@@ -183,12 +183,14 @@ def test_greedy_isd_equals_greedy_ar_quantized_tiny(mode: str, family: str, n: i
         assert isd.tokens == ar.tokens and len(ar.tokens) == 40
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 @torch.inference_mode()
-def test_quantized_window_rows_equal_one_token_steps_bit_for_bit(mode: str) -> None:
+def test_quantized_window_rows_equal_one_token_steps_bit_for_bit(mode: str, dtype: torch.dtype) -> None:
     """As tests/model/test_window_exact.py for bf16: on layers shaped like the default model's, every
-    window row's logits and K/V equal a one-token step's, ``torch.equal``."""
-    model = _quantized(_shaped_like_smollm2(torch.bfloat16), mode)
+    window row's logits and K/V equal a one-token step's, ``torch.equal`` (fp32: the kernels still take
+    bf16 activations; norms, attention and the residual stream stay fp32)."""
+    model = _quantized(_shaped_like_smollm2(dtype), mode)
     g = torch.Generator().manual_seed(1)
     for prefix, t in ((1, 2), (5, 3), (16, 5), (37, 9), (37, 16), (130, 7)):
         ids = torch.randint(0, 512, (prefix + t,), generator=g)
