@@ -9,10 +9,11 @@ pads bf16 rows for the same reason).
 
 Where the weights come from:
 
-* GGUF Q4_0 / Q4_1 tensors are packed straight from their blocks under ``int4`` (the 4-bit codes
-  are kept; only the fp16 block scale and minimum are rounded to the bf16 the kernel reads). Other
-  combinations (Q8_0 blocks, or Q4 blocks under ``int8``) are re-quantized from the blocks' exact
-  fp32 values, never from a rounded dense copy: the int8 kernel has one scale per row, not per block.
+* GGUF Q4_0 / Q4_1 / Q4_K tensors are packed straight from their blocks under ``int4`` (the 4-bit
+  codes are kept; only the block scale and minimum are rounded to the bf16 the kernel reads). Every
+  other case (Q8_0, Q6_K, ... blocks, or Q4 blocks under ``int8``) is re-quantized from the blocks'
+  exact fp32 values, never from a rounded dense copy: the int8 kernel has one scale per row, not per
+  block. A fused projection may mix types (a Q4_K_M file keeps some attn_v at Q6_K): part by part.
 * dense (safetensors, bf16 / fp32) weights are quantized at load: int4 asymmetric min/max per group
   of 32, int8 symmetric per output row.
 
@@ -145,29 +146,52 @@ def _pack(spec: tuple, bias: torch.Tensor | None, source: str, extra: torch.Tens
 # ---- GGUF blocks ---------------------------------------------------------------------------------
 
 GGUF_BLOCK = 32
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}  # bytes per block of 32 (Q4_K: of 256)
+_Q4 = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit codes the int4 kernel takes as they are
 
 
 def gguf_blocks(qtype: str, data: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Split GGUF rows (N, bytes) of one tensor into codes and per-block parameters.
+    """Split GGUF rows (N, bytes) of one tensor into codes and per-32-column parameters.
 
-    Q4_0: w = d · (q − 8) → codes q (N, K) 0..15, d (N, K/32) and zero = None.
+    Q4_0: w = d · (q − 8) → codes q (N, K) 0..15, d (N, K/32) and m = None.
     Q4_1: w = d · q + m   → codes q 0..15, d, m.
+    Q4_K: 256-column super-blocks of eight 32-column sub-blocks with 6-bit scale sc and min mn:
+          w = (d · sc) · q − dmin · mn → codes q 0..15, per sub-block d · sc and −dmin · mn (so w = d · q + m).
     Q8_0: w = d · q       → codes q (N, K) int8, d, None.
-    Scales are returned as fp32 (exactly the fp16 values stored)."""
+    Scales are fp32 (exactly the fp16 values stored; Q4_K's products of two such values are exact in fp32)."""
     if qtype not in _BLOCK_BYTES:
         raise ValueError(f"GGUF tensor type {qtype} is not packed directly (supported: {', '.join(_BLOCK_BYTES)})")
+    n = data.shape[0]
+    if qtype == "Q4_K":
+        return _q4_k_blocks(np.ascontiguousarray(data).reshape(n, k // 256, 144), n, k)
     nb = k // GGUF_BLOCK
-    blocks = np.ascontiguousarray(data).reshape(data.shape[0], nb, _BLOCK_BYTES[qtype])
+    blocks = np.ascontiguousarray(data).reshape(n, nb, _BLOCK_BYTES[qtype])
     d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
     if qtype == "Q8_0":
-        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(data.shape[0], k)
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(n, k)
         return q, d, None
     off = 2 if qtype == "Q4_0" else 4
     m = None if qtype == "Q4_0" else torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
     qs = torch.from_numpy(blocks[..., off:].copy()).to(torch.int32)  # (N, nb, 16)
     q = torch.cat([qs & 0xF, qs >> 4], -1)  # element j < 16 in the low nibble of byte j, j ≥ 16 in the high
-    return q.reshape(data.shape[0], k), d, m
+    return q.reshape(n, k), d, m
+
+
+def _q4_k_blocks(blocks: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks (N, K/256, 144 bytes: d, dmin fp16, 12 bytes of 6-bit scales/mins, 128 of codes)."""
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # (N, S)
+    dmin = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    sc8 = torch.from_numpy(blocks[..., 4:16].copy()).to(torch.int32)  # (N, S, 12)
+    lo = sc8[..., :4]
+    hi = sc8[..., 4:8]
+    tail = sc8[..., 8:12]
+    scale = torch.cat([lo & 63, (tail & 0xF) | ((lo >> 6) << 4)], -1)  # sub-blocks 0..3, 4..7
+    mins = torch.cat([hi & 63, (tail >> 4) | ((hi >> 6) << 4)], -1)
+    qs = torch.from_numpy(blocks[..., 16:].copy()).to(torch.int32).reshape(n, -1, 4, 32)  # 4 chunks of 64 values
+    q = torch.stack([qs & 0xF, qs >> 4], 3)  # chunk c: low nibbles = sub-block 2c, high nibbles = 2c + 1
+    sub_d = (d[..., None] * scale.float()).reshape(n, -1)  # (N, K/32)
+    sub_m = (-dmin[..., None] * mins.float()).reshape(n, -1)
+    return q.reshape(n, k), sub_d, sub_m
 
 
 def gguf_dequantize(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
@@ -176,7 +200,7 @@ def gguf_dequantize(qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tenso
     qd = q.float().reshape(n, -1, GGUF_BLOCK)
     if qtype == "Q4_0":
         w = d[..., None] * (qd - 8)
-    elif qtype == "Q4_1":
+    elif qtype in ("Q4_1", "Q4_K"):
         w = d[..., None] * qd + m[..., None]
     else:
         w = d[..., None] * qd
@@ -250,27 +274,40 @@ class _GGUFSource:
 
 
 def _spec_from_parts(parts, k: int, kind: str) -> tuple[tuple, str] | None:
-    """Codes for one fused projection from its GGUF tensors (all packed the same way), and their source."""
-    qtypes = {p[0] for p in parts}
-    if len(qtypes) != 1 or not qtypes <= {"Q4_0", "Q4_1", "Q8_0"}:
-        return None
-    qtype = qtypes.pop()
-    qs, ds, ms = [], [], []
-    for _, data, rows in parts:
+    """Codes for one fused projection from its GGUF tensors, part by part (q | k | v may mix block types),
+    and their source. None when a part's type is not read directly (the dense weights are used then)."""
+    specs, sources = [], []
+    for qtype, data, rows in parts:
+        if qtype not in _BLOCK_BYTES:  # any other type (Q5_K, Q6_K, F16, ...): gguf's exact dequantization
+            w = _gguf_reference(qtype, data)
+            if w is None:
+                return None
+            specs.append(_dense_spec(w if rows is None else w[rows], kind))
+            sources.append(f"gguf {qtype}, re-quantized")
+            continue
         q, d, m = gguf_blocks(qtype, data, k)
         if rows is not None:
             q, d, m = q[rows], d[rows], (None if m is None else m[rows])
-        qs.append(q)
-        ds.append(d)
-        ms.append(m)
-    q, d = torch.cat(qs), torch.cat(ds)
-    m = None if ms[0] is None else torch.cat(ms)
-    src = f"gguf {qtype}"
-    if kind == "int4" and qtype in ("Q4_0", "Q4_1"):
-        zero = torch.zeros_like(d) if m is None else m + 8 * d  # kernel: (q − 8) · d + zero
-        return ("int4", q, d, zero), src
-    w = gguf_dequantize(qtype, q, d, m)  # exact fp32 values, re-quantized for the kernel
-    return _dense_spec(w, kind), f"{src}, re-quantized"
+        if kind == "int4" and qtype in _Q4:
+            zero = torch.zeros_like(d) if m is None else m + 8 * d  # kernel: (q − 8) · d + zero
+            specs.append(("int4", q, d, zero))
+            sources.append(f"gguf {qtype}")
+        else:  # exact fp32 values of the blocks, re-quantized for the kernel
+            specs.append(_dense_spec(gguf_dequantize(qtype, q, d, m), kind))
+            sources.append(f"gguf {qtype}, re-quantized")
+    spec = (kind, *(torch.cat(xs) for xs in zip(*(sp[1:] for sp in specs))))
+    return spec, " + ".join(dict.fromkeys(sources))
+
+
+def _gguf_reference(qtype: str, data: np.ndarray) -> torch.Tensor | None:
+    """Exact fp32 values of a GGUF tensor of any type gguf can dequantize (None if it cannot)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    try:
+        return torch.from_numpy(np.asarray(dequantize(data, GGMLQuantizationType[qtype]), dtype=np.float32))
+    except (KeyError, NotImplementedError, ValueError):
+        return None
 
 
 def _dense_spec(w: torch.Tensor, kind: str) -> tuple:
@@ -337,7 +374,7 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
 
 def auto_quant(gguf_path: str | None, device: str = "cpu") -> str:
     """``--quant auto``: int4 on the CPU when the weights come from a GGUF whose projections are all Q4_0 /
-    Q4_1 (their codes go into the kernel as they are, so nothing is lost beyond the file's own
+    Q4_1 / Q4_K (their codes go into the kernel as they are, so nothing is lost beyond the file's own
     quantization), else none (dense weights are not quantized unless asked)."""
     if device != "cpu" or gguf_path is None:
         return "none"
@@ -345,7 +382,7 @@ def auto_quant(gguf_path: str | None, device: str = "cpu") -> str:
 
     types = {t.tensor_type.name for t in GGUFReader(gguf_path).tensors
              if t.name.startswith("blk.") and any(f".{p}." in t.name for parts in _GGUF_PARTS.values() for p in parts)}
-    return "int4" if types and types <= {"Q4_0", "Q4_1"} else "none"
+    return "int4" if types and types <= set(_Q4) else "none"
 
 
 def set_quant(proj, q: QuantLinear) -> None:

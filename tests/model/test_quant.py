@@ -20,6 +20,7 @@ from idlm.model.quant import (
     _dense_spec,
     _llama_rows,
     _pack,
+    _spec_from_parts,
     gguf_blocks,
     gguf_dequantize,
     int4_from_codes,
@@ -81,6 +82,49 @@ def test_gguf_q4_0_blocks_equal_the_reference_dequantization(reader) -> None:
     got = lin(eye).float().T  # row j of I·Wᵀ is column j of Wᵀ: the weight itself, rounded to bf16
     want = int4_reference(q, d, torch.zeros_like(d)).to(torch.bfloat16).float()
     assert torch.equal(got, want)
+
+
+def _random_q4_k(rows: int, k: int, seed: int = 0) -> np.ndarray:
+    """Valid Q4_K rows with random codes, 6-bit scales / mins and small finite fp16 super-block scales."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, k // 256, 144), dtype=np.uint8)
+    dd = rng.uniform(0.001, 0.02, (rows, k // 256, 2)).astype(np.float16)
+    raw[..., :4] = dd.view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def test_gguf_q4_k_blocks_equal_the_reference_dequantization_and_pack_as_they_are() -> None:
+    """Q4_K (the blocks of the common Q4_K_M files): 256-column super-blocks of eight sub-blocks with
+    6-bit scales and mins; each sub-block is a group of 32 for the int4 kernel, codes kept."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    data = _random_q4_k(48, 512)
+    ref = torch.from_numpy(np.asarray(dequantize(data, GGMLQuantizationType.Q4_K), dtype=np.float32))
+    q, d, m = gguf_blocks("Q4_K", data, 512)
+    assert q.shape == (48, 512) and d.shape == m.shape == (48, 16)
+    assert torch.equal(gguf_dequantize("Q4_K", q, d, m), ref)
+    (kind, codes, scale, zero), source = _spec_from_parts([("Q4_K", data, None)], 512, "int4")
+    assert kind == "int4" and source == "gguf Q4_K" and torch.equal(codes, q)  # the file's own codes
+    lin = _pack((kind, codes, scale, zero), None, source)
+    got = _dequantized(lin, 512)
+    assert (got - ref).abs().max() <= 2 ** -7 * ref.abs().max()  # scale / zero rounded to bf16 only
+
+
+def test_a_fused_projection_mixing_block_types_is_packed_part_by_part() -> None:
+    """q | k | v of a Q4_K_M file mix Q4_K and higher-precision tensors: Q4 parts keep their codes, the
+    others are re-quantized from gguf's exact values, rows stay in order."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    a = _random_q4_k(32, 256, seed=1)
+    b = np.random.default_rng(2).standard_normal((16, 256)).astype(np.float32) * 0.02
+    spec, source = _spec_from_parts([("Q4_K", a, None), ("F32", b, None)], 256, "int4")
+    assert source == "gguf Q4_K + gguf F32, re-quantized"
+    got = _dequantized(_pack(spec, None, source), 256)
+    ref_a = torch.from_numpy(np.asarray(dequantize(a, GGMLQuantizationType.Q4_K), dtype=np.float32))
+    assert (got[:32] - ref_a).abs().max() <= 2 ** -7 * ref_a.abs().max()
+    assert (got[32:] - torch.from_numpy(b)).abs().max() < 0.1 * abs(b).max()  # int4 of dense values
 
 
 @torch.inference_mode()
