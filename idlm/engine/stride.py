@@ -41,16 +41,19 @@ DRAFT_MARGIN = 0.15  # auto stride drafts only if that promises this much more t
 SWITCH_HORIZON = 4  # steps over which switching from AR to drafting pays back its cold first step
 CORRECTION_EMA = 0.2  # weight of the newest step in the learned correction of the calibration
 CALIBRATION_ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
+GATED_ROWS = (4, 16, 64)  # row counts also timed with every row gated (adapter models)
 
 
 @dataclass
 class CostModel:
-    """Forward time (s) by the number of rows, and the extra time per gated (R-ISD adapter) row,
-    linearly interpolated between measured points (and extrapolated past the last one)."""
+    """Forward time (s) by the number of rows, linearly interpolated between measured points (and
+    extrapolated past the last one), plus what gated (R-ISD adapter) rows add: a fixed cost once any
+    row is gated (the adapter's extra matmul calls, which dominate small windows) and a cost per row."""
 
     rows: list[int]  # measured row counts, increasing
     seconds: list[float]  # forward + logits time at each
     gated_per_row: float = 0.0  # extra seconds per gated row
+    gated_fixed: float = 0.0  # extra seconds of a forward with at least one gated row
 
     def __post_init__(self) -> None:
         # more rows never cost less: a noisy calibration point below an earlier one is raised to it
@@ -64,7 +67,7 @@ class CostModel:
             i = min(max(i, 1), len(self.rows) - 1)
             r0, r1, s0, s1 = self.rows[i - 1], self.rows[i], self.seconds[i - 1], self.seconds[i]
             base = s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
-        return base + gated * self.gated_per_row
+        return base + (self.gated_fixed + gated * self.gated_per_row if gated else 0.0)
 
     @classmethod
     def for_model(cls, model) -> CostModel:
@@ -74,7 +77,7 @@ class CostModel:
         path = cache_dir() / "cost" / f"{_machine_key(model)}.json"
         try:
             d = json.loads(path.read_text())
-            return cls(d["rows"], d["seconds"], d["gated_per_row"])
+            return cls(d["rows"], d["seconds"], d["gated_per_row"], d["gated_fixed"])
         except (OSError, ValueError, KeyError):
             pass
         cost = cls.measure(model)
@@ -100,7 +103,7 @@ class CostModel:
             model.hidden(torch.randint(0, vocab, (prefix,), generator=gen), torch.arange(prefix), cache)
             for rep in range(reps + 1):
                 for k in rows:
-                    for g in ((False, True) if gated and k in (16, 64) else (False,)):
+                    for g in ((False, True) if gated and k in GATED_ROWS else (False,)):
                         ids = torch.randint(0, vocab, (k,), generator=gen)
                         t = time.perf_counter()
                         model.logits(model.hidden(ids, prefix + torch.arange(k), cache,
@@ -110,10 +113,13 @@ class CostModel:
                         if rep:  # the first round warms up
                             times.setdefault((k, g), []).append(dt)
         med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
-        per_gated = 0.0
-        if gated:
-            per_gated = max(0.0, sum((med[(k, True)] - med[(k, False)]) / k for k in (16, 64)) / 2)
-        return cls(list(rows), [med[(k, False)] for k in rows], per_gated)
+        per_gated = fixed = 0.0
+        if gated:  # extra time of gating k rows = fixed + k · per_gated: a line through the measured points
+            extra = {k: med[(k, True)] - med[(k, False)] for k in GATED_ROWS}
+            lo, mid, hi = GATED_ROWS
+            per_gated = max(0.0, (extra[hi] - extra[mid]) / (hi - mid))
+            fixed = max(0.0, extra[lo] - lo * per_gated)
+        return cls(list(rows), [med[(k, False)] for k in rows], per_gated, fixed)
 
 
 def _cpu_name() -> str:
@@ -131,7 +137,7 @@ def _machine_key(model) -> str:
     cfg = model.cfg
     parts = [cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
              cfg.vocab_size, model.has_adapters, str(model.dtype), getattr(model, "quant_mode", "none"),
-             torch.get_num_threads(), torch.__version__, _cpu_name(), CALIBRATION_ROWS]
+             torch.get_num_threads(), torch.__version__, _cpu_name(), CALIBRATION_ROWS, GATED_ROWS]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 

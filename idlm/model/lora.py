@@ -82,8 +82,9 @@ class GatedLoRAProj(Proj):
 
     def _quant_forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """Quantized base (inference only): y = Q(x) + gate · (scale · B (A x)). ``quantize_model`` packs
-        A as extra output rows of the same kernel (quantized like W; B stays dense), as the dense
-        path fuses ``[W; A]``; an adapter added after quantization runs A densely."""
+        A as extra output rows of the same kernel (quantized like W), as the dense path fuses ``[W; A]``,
+        and scale · B into the int8 kernel; an adapter added after quantization runs densely. A clean
+        row (gate 0) adds exactly 0, so it stays the quantized base model bit for bit."""
         if torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
             raise RuntimeError("a quantized base is for inference; train adapters over a dense base")
         y = self.quant(x)
@@ -96,7 +97,9 @@ class GatedLoRAProj(Proj):
             y, t = y[..., :n], y[..., n:]
             if gate is None:
                 return y
-        return y.addcmul_(row_stable_linear(t, self._scaled_b(x.dtype)), gate.to(x.dtype).view(*x.shape[:-1], 1))
+        b_quant = self._modules.get("lora_b_quant")
+        delta = b_quant(t) if b_quant is not None else row_stable_linear(t, self._scaled_b(x.dtype))
+        return y.addcmul_(delta, gate.to(x.dtype).view(*x.shape[:-1], 1))
 
     def _fused(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[W; A]`` (out + rank, in) and ``[b; 0]``, built once per A. The base weight becomes a view

@@ -46,6 +46,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         if kind not in ("int4", "int8"):
             raise ValueError(f"unknown quantized kind {kind!r}")
+        why = quantizable(kind, out_features, in_features)
+        if why is not None:  # the kernels return wrong numbers for such shapes: never build one
+            raise ValueError(f"{kind} kernel cannot take a ({out_features}, {in_features}) weight: {why}")
         self.kind, self.out_features, self.in_features, self.source = kind, out_features, in_features, source
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
@@ -215,7 +218,7 @@ class QuantReport:
     mode: str
     packed: dict[str, int] = field(default_factory=dict)
     dense: list[str] = field(default_factory=list)
-    lora_fused: int = 0  # projections whose gated-LoRA A is packed into the same kernel (as extra rows)
+    lora_fused: int = 0  # projections whose gated-LoRA A is packed into the same kernel (as extra rows), B int8
 
     def add(self, source: str) -> None:
         self.packed[source] = self.packed.get(source, 0) + 1
@@ -225,14 +228,19 @@ class QuantReport:
         if self.dense:
             parts.append(f"{len(self.dense)} left dense ({self.dense[0]}{', ...' if len(self.dense) > 1 else ''})")
         if self.lora_fused:
-            parts.append(f"gated LoRA A packed into {self.lora_fused} kernels, B in bf16")
+            parts.append(f"gated LoRA A packed into {self.lora_fused} kernels, B int8")
         return f"quant {self.mode}: " + "; ".join(parts)
+
+
+_INT8_K_ALIGN = 16  # measured: _weight_int8pack_mm returns garbage (or crashes) for other input dims
 
 
 def quantizable(kind: str, n: int, k: int) -> str | None:
     """None when a (n, k) weight fits ``kind``'s kernel, else why not."""
     if kind == "int4" and k % GROUP:
         return f"input dim {k} is not a multiple of the int4 group {GROUP}"
+    if kind == "int8" and k % _INT8_K_ALIGN:
+        return f"input dim {k} is not a multiple of {_INT8_K_ALIGN} (the int8 kernel's)"
     return None
 
 
@@ -350,6 +358,9 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
             lora_a = getattr(proj, "lora_A", None)  # R-ISD: A rides in the same kernel call
             q = _pack(spec, bias, source, None if lora_a is None else lora_a.detach())
             set_quant(proj, q)
+            if lora_a is not None and quantizable("int8", n, proj.rank) is None:  # and scale · B in the int8
+                # kernel: half the time of a small bf16 matmul here
+                proj.lora_b_quant = int8_from_dense(proj.lora_B.detach().float() * proj.scale, source="lora B")
             report.add(q.source)
             report.lora_fused += lora_a is not None
     head_kind = head or ("int8" if mode == "int4" else mode)

@@ -27,6 +27,27 @@ def test_calibration_is_made_monotone() -> None:
     assert cost(12) == pytest.approx(0.03)
 
 
+def test_gated_rows_cost_a_fixed_part_once_any_row_is_gated_plus_a_part_per_row() -> None:
+    cost = CostModel([1, 64], [0.010, 0.020], gated_per_row=0.0001, gated_fixed=0.003)
+    assert cost(4) == pytest.approx(0.010 + 3 * 0.010 / 63)
+    assert cost(4, gated=0) == cost(4)
+    assert cost(4, gated=2) == pytest.approx(cost(4) + 0.003 + 0.0002)
+
+
+def test_calibration_of_an_adapter_model_measures_both_gated_parts_and_caches_them(tmp_path, monkeypatch) -> None:
+    from idlm.model.lora import add_lora
+
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path))
+    model = tiny_model(seed=1)
+    add_lora(model, rank=4, alpha=8.0)
+    model.requires_grad_(False)
+    cost = CostModel.for_model(model)  # measured and written to the cache
+    assert cost.gated_fixed >= 0 and cost.gated_per_row >= 0
+    again = CostModel.for_model(model)  # read back
+    assert (again.gated_fixed, again.gated_per_row, again.seconds) == (cost.gated_fixed, cost.gated_per_row,
+                                                                       cost.seconds)
+
+
 def test_correction_learns_each_row_count_and_an_untried_one_takes_the_worst() -> None:
     corr = Correction([1, 16, 64, 128])
     assert corr(40) == 1.0  # nothing observed: the calibration as it is

@@ -307,6 +307,25 @@ def test_auto_quant_is_int4_for_a_q4_gguf_on_the_cpu_and_none_otherwise(tmp_path
     assert auto_quant(str(tmp_path / "q8.gguf")) == "none"
 
 
+@torch.inference_mode()
+def test_int8_needs_an_input_dim_multiple_of_16_and_otherwise_stays_dense() -> None:
+    """Measured: _weight_int8pack_mm returns garbage (or crashes) for an input dim not a multiple of 16, so
+    such a layer is never built: it stays dense and is reported."""
+    with pytest.raises(ValueError, match="multiple of 16"):
+        int8_from_dense(torch.randn(32, 40))
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=40, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, tie_embeddings=False,
+                      mask_token_id=64, num_embeddings=65, eos_token_ids=(63,))
+    torch.manual_seed(0)
+    model = Decoder(cfg).eval().requires_grad_(False)
+    ids, pos = torch.tensor([1, 5, 9, 2]), torch.arange(4)
+    before = model.logits(model.hidden(ids, pos, model.new_cache(capacity=16)))
+    report = quantize_model(model, "int8")
+    assert report.dense == ["layers.0.down: input dim 40 is not a multiple of 16 (the int8 kernel's)"]
+    after = model.logits(model.hidden(ids, pos, model.new_cache(capacity=16)))
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
+
+
 def test_unknown_quant_mode_is_a_clear_error() -> None:
     with pytest.raises(ModelLoadError, match="unknown quantization 'int3'"):
         load_model("base", quant="int3")
