@@ -39,6 +39,8 @@ PRIOR_WEIGHT = 4.0  # pseudo-counts of that prior (engine-wide) / of the engine-
 DRAFT_MARGIN = 0.15  # auto stride drafts only if that promises this much more throughput than AR: near break-even
 # the prediction's error decides, and a wrong drafting step costs more than a wrong AR step
 SWITCH_HORIZON = 4  # steps over which switching from AR to drafting pays back its cold first step
+EXPLORE_EVERY = 64  # after this many AR choices in a row, one step drafts anyway: the only way the correction
+# can learn that windows got cheaper (a row count the engine stops running is never measured again)
 CORRECTION_EMA = 0.2  # weight of the newest step in the learned correction of the calibration
 CALIBRATION_ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
 GATED_ROWS = (4, 16, 64)  # row counts also timed with every row gated (adapter models)
@@ -223,6 +225,7 @@ class WindowPolicy:
         self.model, self.metrics, self.max_stride, self._cost = model, metrics, max_stride, cost
         self.chosen: Counter = Counter()  # (N of the auto-stride requests or 0, fallback) -> steps
         self._correction: Correction | None = None
+        self._ar_streak = 0  # consecutive steps that chose AR over a drafting option
 
     @property
     def cost(self) -> CostModel:
@@ -282,7 +285,15 @@ class WindowPolicy:
         drafting = {k: v for k, v in rates.items() if k[0] != 1}
         best = max(drafting, key=drafting.get)
         if (1, False) in rates and drafting[best] <= rates[(1, False)] * (1.0 + DRAFT_MARGIN):
-            best = (1, False)  # drafting must clearly beat plain AR: near break-even the prediction's error decides
+            # drafting must clearly beat plain AR: near break-even the prediction's error decides; but
+            # every EXPLORE_EVERY steps draft once, so the step times of windows are measured again
+            self._ar_streak += 1
+            if self._ar_streak <= EXPLORE_EVERY:
+                best = (1, False)
+            else:
+                self._ar_streak = 0
+        else:
+            self._ar_streak = 0
         self.chosen[best] += 1
         out = {}
         for r in requests:

@@ -82,3 +82,9 @@ def test_policy_falls_back_to_ar_once_windows_prove_slow() -> None:
         policy.observe(16, 0, 0.05)  # sixteen rows: 5x the calibration
         policy.observe(64, 0, 0.2)
     assert set(policy.choose(running, 0).values()) == {(0, False)}  # N = 1: AR
+    # every EXPLORE_EVERY AR choices in a row, one step drafts anyway (so window times get measured again)
+    from idlm.engine.stride import EXPLORE_EVERY
+
+    picks = [set(policy.choose(running, 0).values()) for _ in range(2 * EXPLORE_EVERY + 2)]
+    drafted = [i for i, p in enumerate(picks) if p != {(0, False)}]
+    assert drafted == [EXPLORE_EVERY - 1, 2 * EXPLORE_EVERY], drafted
