@@ -335,7 +335,8 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
     place. ``mode`` int4 / int8; ``gguf_path``: pack the layers straight from this GGUF's blocks
     where their types allow, else quantize the loaded dense weights. ``head`` (default: int8 for
     int4 mode, as GGUF files keep the output head at 8 bits) is the output head's kind.
-    Gated LoRA adapters stay in the dense dtype on top (``lora.GatedLoRAProj``)."""
+    Gated LoRA adapters stay on top (``lora.GatedLoRAProj``): A packed as extra output rows of the
+    base kernel, scale · B in the int8 kernel (when its rank is a multiple of 16, else dense)."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r} (choose from {', '.join(QUANT_MODES)})")
     report = QuantReport(mode)
@@ -354,6 +355,8 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
             bias = None if proj.bias is None else proj.bias.detach()
             parts = src.parts(i, name, cfg) if src is not None else None
             got = _spec_from_parts(parts, k, mode) if parts else None
+            if got is not None and tuple(got[0][1].shape) != (n, k):  # not this model's tensor: use the weights
+                got = None
             spec, source = got if got is not None else (_dense_spec(proj.weight.detach(), mode), "dense")
             lora_a = getattr(proj, "lora_A", None)  # R-ISD: A rides in the same kernel call
             q = _pack(spec, bias, source, None if lora_a is None else lora_a.detach())
