@@ -266,24 +266,33 @@ def test_risd_adapter_over_a_quantized_base_keeps_the_quantized_base_greedy_outp
             assert isd_generate(model, prompt, DecodeConfig(stride=n), params).tokens == ar.tokens
 
 
+def _small_model(hidden: int, intermediate: int, layers: int) -> Decoder:
+    """A random llama-shaped decoder with chosen widths (to give the kernels shapes they cannot take)."""
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=hidden, intermediate_size=intermediate,
+                      num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                      tie_embeddings=False, mask_token_id=64, num_embeddings=65, eos_token_ids=(63,))
+    torch.manual_seed(0)
+    return Decoder(cfg).eval().requires_grad_(False)
+
+
+def _logits(model: Decoder) -> torch.Tensor:
+    ids, pos = torch.tensor([1, 5, 9, 2]), torch.arange(4)
+    return model.logits(model.hidden(ids, pos, model.new_cache(capacity=16)))
+
+
 @torch.inference_mode()
 def test_a_layer_the_int4_kernel_cannot_take_stays_dense_and_is_reported() -> None:
     """hidden 48 is not a multiple of the int4 group (32): the projections reading it (qkv, gate_up)
     stay dense, the others are packed, the report says which, and the outputs still match."""
-    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, tie_embeddings=False,
-                      mask_token_id=64, num_embeddings=65, eos_token_ids=(63,))
-    torch.manual_seed(0)
-    model = Decoder(cfg).eval().requires_grad_(False)
-    ids, pos = torch.tensor([1, 5, 9, 2]), torch.arange(4)
-    before = model.logits(model.hidden(ids, pos, model.new_cache(capacity=16)))
+    model = _small_model(hidden=48, intermediate=64, layers=2)
+    before = _logits(model)
     report = quantize_model(model, "int4")
     assert sorted(report.dense) == [f"layers.{i}.{p}: input dim 48 is not a multiple of the int4 group 32"
                                     for i in (0, 1) for p in ("gate_up", "qkv")]
     assert report.packed == {"dense": 4, "head: dense": 1}
     assert "left dense" in report.summary()
     assert "quant" not in model.layers[0].qkv._modules and "quant" in model.layers[0].o._modules
-    after = model.logits(model.hidden(ids, pos, model.new_cache(capacity=16)))
+    after = _logits(model)
     assert (after - before).abs().max() < 0.1 * before.abs().max()
 
 
@@ -313,16 +322,11 @@ def test_int8_needs_an_input_dim_multiple_of_16_and_otherwise_stays_dense() -> N
     such a layer is never built: it stays dense and is reported."""
     with pytest.raises(ValueError, match="multiple of 16"):
         int8_from_dense(torch.randn(32, 40))
-    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=40, num_layers=1,
-                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, tie_embeddings=False,
-                      mask_token_id=64, num_embeddings=65, eos_token_ids=(63,))
-    torch.manual_seed(0)
-    model = Decoder(cfg).eval().requires_grad_(False)
-    ids, pos = torch.tensor([1, 5, 9, 2]), torch.arange(4)
-    before = model.logits(model.hidden(ids, pos, model.new_cache(capacity=16)))
+    model = _small_model(hidden=64, intermediate=40, layers=1)
+    before = _logits(model)
     report = quantize_model(model, "int8")
     assert report.dense == ["layers.0.down: input dim 40 is not a multiple of 16 (the int8 kernel's)"]
-    after = model.logits(model.hidden(ids, pos, model.new_cache(capacity=16)))
+    after = _logits(model)
     assert (after - before).abs().max() < 0.05 * before.abs().max()
 
 
