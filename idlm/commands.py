@@ -455,14 +455,16 @@ def _eval_nll(args: argparse.Namespace) -> int:
         raise ConfigError(f"--quants takes a comma list of {', '.join(QUANT_CHOICES)}; got {args.quants!r}")
     rows = []
     for name in args.models or [args.model or "default"]:
+        samples = None  # tokenized once per model: every quantization of it shares the tokenizer
         for quant in quants:
             args.model, args.quant = (None if name == "default" else name), quant
             lm = _setup(args)
-            try:
-                samples = load_samples([args.data], LazyTokenizer(lm), evaluation=True)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            samples = samples[: args.limit] if args.limit else samples
+            if samples is None:
+                try:
+                    samples = load_samples([args.data], LazyTokenizer(lm), evaluation=True)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+                samples = samples[: args.limit] if args.limit else samples
             res = response_nll(lm.model, samples, args.max_len, progress=sys.stderr.isatty())
             label = f"{name} [{args.dtype}, {args.quant}]"
             rows.append({"model": label, "dtype": args.dtype, "quant": args.quant, **res.to_json()})

@@ -368,8 +368,8 @@ class Decoder(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., vocab) in fp32. MASK is never a valid output: an in-vocabulary MASK
         id gets -inf, an appended MASK row is not scored at all."""
-        flat = hidden.reshape(-1, hidden.shape[-1])  # always a 2-D matmul: a 1-D input takes a gemv
-        # path that rounds differently
+        # always a 2-D matmul: a 1-D input takes a gemv path that rounds differently
+        flat = hidden.reshape(-1, hidden.shape[-1])
         y = self.head_quant(flat) if self.head_quant is not None else row_stable_linear(flat, self.head_weight())
         out = y.float().view(*hidden.shape[:-1], -1)
         if not self.cfg.mask_is_new_row:

@@ -253,12 +253,13 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     if quant not in QUANT_CHOICES:
         raise ModelLoadError(f"unknown quantization {quant!r} (choose from {', '.join(QUANT_CHOICES)})")
     loaded = _load(name, dtype, device)
+    gguf = gguf_source(loaded.folder)
     if quant == "auto":
-        quant = auto_quant(gguf_source(loaded.folder), device)
+        quant = auto_quant(gguf, device)
     if quant != "none":
         if device != "cpu":
             raise ModelLoadError(f"--quant {quant} uses PyTorch's CPU kernels; it runs on the CPU only")
-        loaded.quant = quantize_model(loaded.model, quant, gguf_source(loaded.folder))
+        loaded.quant = quantize_model(loaded.model, quant, gguf)
     return loaded
 
 

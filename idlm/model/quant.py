@@ -17,8 +17,9 @@ Where the weights come from:
 * dense (safetensors, bf16 / fp32) weights are quantized at load: int4 asymmetric min/max per group
   of 32, int8 symmetric per output row.
 
-A layer the int4 kernel cannot take (input dim not a multiple of the group) stays dense: it is
-listed in the ``QuantReport``; nothing is silently wrong. An output dim not a multiple of 16 is
+A layer a kernel cannot take (int4: input dim not a multiple of the group; int8: not a multiple of
+16, where the kernel returns wrong numbers) stays dense: it is listed in the ``QuantReport``;
+nothing is silently wrong. An output dim not a multiple of 16 is
 padded with zero rows (sliced off after the matmul).
 """
 
@@ -111,7 +112,7 @@ def int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def int4_from_dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> QuantLinear:
     """``int4_codes`` packed."""
-    return int4_from_codes(*int4_codes(w), bias)
+    return _pack(_dense_spec(w, "int4"), bias, "dense")
 
 
 def int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +125,7 @@ def int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_from_dense(w: torch.Tensor, bias: torch.Tensor | None = None, source: str = "dense") -> QuantLinear:
     """``int8_codes`` as a layer."""
-    codes, scale = int8_codes(w)
-    return QuantLinear("int8", w.shape[0], w.shape[1], codes.contiguous(), scale.to(COMPUTE_DTYPE), bias, source)
+    return _pack(_dense_spec(w, "int8"), bias, source)
 
 
 def _pack(spec: tuple, bias: torch.Tensor | None, source: str, extra: torch.Tensor | None = None) -> QuantLinear:
@@ -322,9 +322,15 @@ def _dense_spec(w: torch.Tensor, kind: str) -> tuple:
     return ("int4", *int4_codes(w)) if kind == "int4" else ("int8", *int8_codes(w))
 
 
-def _from_parts(parts, k: int, kind: str, bias: torch.Tensor | None) -> QuantLinear | None:
-    got = _spec_from_parts(parts, k, kind)
-    return None if got is None else _pack(got[0], bias, got[1])
+def _layer_from(parts, w: torch.Tensor, kind: str, bias: torch.Tensor | None = None,
+                extra: torch.Tensor | None = None) -> QuantLinear:
+    """The quantized layer of weight ``w`` (N, K): from its GGUF tensors ``parts`` when they are this
+    weight's (same shape), else from ``w`` itself. ``extra``: rows appended as in ``_pack``."""
+    got = _spec_from_parts(parts, w.shape[1], kind) if parts else None
+    if got is not None and tuple(got[0][1].shape) != tuple(w.shape):  # not this model's tensor
+        got = None
+    spec, source = got if got is not None else (_dense_spec(w.detach(), kind), "dense")
+    return _pack(spec, bias, source, extra)
 
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
@@ -354,12 +360,8 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
                 continue
             bias = None if proj.bias is None else proj.bias.detach()
             parts = src.parts(i, name, cfg) if src is not None else None
-            got = _spec_from_parts(parts, k, mode) if parts else None
-            if got is not None and tuple(got[0][1].shape) != (n, k):  # not this model's tensor: use the weights
-                got = None
-            spec, source = got if got is not None else (_dense_spec(proj.weight.detach(), mode), "dense")
             lora_a = getattr(proj, "lora_A", None)  # R-ISD: A rides in the same kernel call
-            q = _pack(spec, bias, source, None if lora_a is None else lora_a.detach())
+            q = _layer_from(parts, proj.weight, mode, bias, None if lora_a is None else lora_a.detach())
             set_quant(proj, q)
             if lora_a is not None and quantizable("int8", n, proj.rank) is None:  # and scale · B in the int8
                 # kernel: half the time of a small bf16 matmul here
@@ -374,11 +376,7 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
     else:
         name = "output.weight" if src is not None and "output.weight" in src.tensors else "token_embd.weight"
         t = src.tensors.get(name) if src is not None else None
-        hq = None
-        if t is not None and t.data.shape[0] == w.shape[0]:
-            hq = _from_parts([(t.tensor_type.name, t.data, None)], w.shape[1], head_kind, None)
-        if hq is None:
-            hq = int4_from_dense(w) if head_kind == "int4" else int8_from_dense(w)
+        hq = _layer_from(None if t is None else [(t.tensor_type.name, t.data, None)], w, head_kind)
         hq.source = f"head: {hq.source}"
         model.head_quant = hq
         report.add(hq.source)
