@@ -37,7 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default: str | None, dtype
                    help=f"weight/activation dtype (default {dtype_note or dtype_default}); greedy ISD reproduces "
                         "greedy AR bit for bit in both (see README)")
     p.add_argument("--quant", choices=QUANT_CHOICES, default=QUANT_DEFAULT,
-                   help="weight-only quantization with PyTorch's CPU kernels: int4 (groups of 32; a GGUF's "
+                   help="weight-only quantization for the CPU (idlm's AVX-512 BF16 kernels, else PyTorch's): "
+                        "int4 (groups of 32; a GGUF's "
                         "Q4_0/Q4_1/Q4_K blocks packed as they are), int8 (per row), none = the dense --dtype weights, "
                         "auto = int4 for a GGUF with Q4 blocks on the CPU, else none "
                         f"(default {QUANT_DEFAULT}); greedy ISD == greedy AR of the same network in each")

@@ -31,6 +31,9 @@ def _setup(args: argparse.Namespace) -> LoadedModel:
         print(f"idlm: {lm.quant.summary()}", file=sys.stderr)
     if hasattr(args, "quant"):
         args.quant = getattr(lm.model, "quant_mode", "none")  # what auto chose, for the reports
+    from .model.native import describe
+
+    args.forward = describe(lm.model)  # for the reports (bench, demo)
     if lm.meta is not None and getattr(lm.meta, "attention", "causal") != "causal" and args.command != "iar":
         print(f"idlm: note: {lm.name} was trained with {lm.meta.attention} attention (a baseline for `idlm iar`); "
               "ISD runs MASK rows causally, so its drafts are off-distribution (the output is still exact)",
@@ -310,7 +313,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         paths = write_bench_plots(rows, args.plots, f"{lm.name}, {len(prompts)} prompts, {args.dtype}, quant {args.quant}")
         print("plots: " + ", ".join(str(p) for p in paths))
     print(json.dumps({"prompts": len(prompts), "max_new_tokens": params.max_new_tokens, "dtype": args.dtype,
-                      "quant": args.quant,
+                      "quant": args.quant, "forward": args.forward.split(" ")[0],
                       "repeats": args.repeats,
                       "threads": torch.get_num_threads(), "results": rows}))
     return 0
@@ -318,7 +321,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _print_bench(results, prompts, params, args) -> None:
     print(f"{len(prompts)} prompts, max {params.max_new_tokens} new tokens, dtype {args.dtype}, quant {args.quant}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin run(s); "
+          f"{args.forward.split(' ')[0]} forward, {torch.get_num_threads()} threads, median of {args.repeats} round-robin run(s); "
           f"'vs AR' = total tok/s / engine AR at the same concurrency")
     print(f"{'mode':<7}{'N':>5}{'fb':>5}{'C':>4}{'tokens':>8}{'TPF':>6}{'total/s':>9}{'req/s':>8}{'p50 s':>7}"
           f"{'p90 s':>7}{'vs AR':>7}{'same':>6}{'ovh':>6}{'gsm8k':>7}  acceptance / auto N")
@@ -352,7 +355,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tok = lm.tokenizer()
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     cfg = _decode_cfg(args, args.stride)
-    print(f"model: {lm.name} ({args.dtype}, quant {args.quant}), ISD stride N={cfg.stride}, greedy, "
+    print(f"model: {lm.name} ({args.dtype}, quant {args.quant}, {args.forward.split(' ')[0]} forward), "
+          f"ISD stride N={cfg.stride}, greedy, "
           f"{torch.get_num_threads()} threads")
     if lm.meta is None:
         print("note: this is the base model with no converted I-DLM drafter, so its MASK drafts are rarely "

@@ -23,6 +23,7 @@ import torch
 
 from ..model.attention import padded_keys, prefix_window_bias
 from ..model.decoder import AttnGroup, Decoder, PagedBatch, PagedKV
+from ..model.native import NativeRows
 from .block_manager import NULL_BLOCK, BlockManager
 from .scheduler import ScheduledItem
 
@@ -46,6 +47,7 @@ class ModelRunner:
         self.gated = model.has_adapters
         self.device = pool.k.device
         self._tables: _Tables | None = None  # the decode group's block tables, kept across stationary steps
+        self.native = model.runs_native  # the native forward takes a per-row key layout, not attention groups
 
     @torch.inference_mode()
     def run(self, items: list[ScheduledItem], stationary: bool = False) -> StepLogits:
@@ -61,13 +63,16 @@ class ModelRunner:
             write += self._slots(it.request.id, it.start, it.start + len(it.ids))
             if self.gated:
                 gate += it.window.gate().tolist() if it.window is not None else [0.0] * len(it.ids)
-        decode = [i for i, it in enumerate(items) if it.window is not None]
-        groups = [self._group([items[i] for i in decode], [bases[i] for i in decode])] if decode else []
-        groups += [self._group([it], [b]) for it, b in zip(items, bases) if it.window is None]
-        contiguous = write == list(range(write[0], write[0] + len(write)))
-        batch = PagedBatch(self._t(write), groups, write[0] if contiguous else None, self.bs)
-        read = [b + r for it, b in zip(items, bases) for r in it.read_rows]
         pad = bucket(len(ids)) - len(ids)  # padding rows: bounded matmul shapes, so kernels are reused
+        contiguous = write == list(range(write[0], write[0] + len(write)))
+        if self.native:
+            batch = PagedBatch(self._t(write), [], None, self.bs, native=self._native_rows(items, len(ids) + pad))
+        else:
+            decode = [i for i, it in enumerate(items) if it.window is not None]
+            groups = [self._group([items[i] for i in decode], [bases[i] for i in decode])] if decode else []
+            groups += [self._group([it], [b]) for it, b in zip(items, bases) if it.window is None]
+            batch = PagedBatch(self._t(write), groups, write[0] if contiguous else None, self.bs)
+        read = [b + r for it, b in zip(items, bases) for r in it.read_rows]
         ids, pos = ids + [0] * pad, pos + [0] * pad
         gate_t = self._t(gate + [0.0] * pad, torch.float32) if self.gated and any(gate) else None
         t1 = time.perf_counter()
@@ -82,6 +87,33 @@ class ModelRunner:
             k += n
         return StepLogits(out, t1 - t0, t2 - t1, len(ids), int(sum(gate)))
 
+
+    def _native_rows(self, items: list[ScheduledItem], total: int) -> NativeRows:
+        """The native forward's layout: each token's sequence (its block table), the logical keys it sees
+        (a causal prefix, plus the window slots its mask shows for an ISD window) and padding rows (-1)."""
+        seq: list[int] = []
+        ctx: list[int] = []
+        ws: list[int] = []
+        masked = []
+        for k, it in enumerate(items):
+            n, s = len(it.ids), it.start
+            mask = it.window.mask if it.window is not None else None
+            if mask is None:
+                ctx += range(s + 1, s + n + 1)
+            else:
+                masked.append((len(seq), mask))
+                ctx += [s] * n
+            seq += [k] * n
+            ws += [s] * n
+        pad = total - len(seq)
+        width = max((m.shape[1] for _, m in masked), default=0)
+        win = torch.zeros(total, width, dtype=torch.uint8)
+        for base, m in masked:
+            win[base: base + m.shape[0], : m.shape[1]] = m
+        tables = [self.blocks.table(it.request.id) for it in items]
+        nb = max(len(t) for t in tables)
+        return NativeRows(self._t(seq + [-1] * pad), self._t(ctx + [0] * pad), self._t(ws + [0] * pad), win,
+                          self._t([t + [NULL_BLOCK] * (nb - len(t)) for t in tables]), self.bs)
 
     def _t(self, data, dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)

@@ -32,6 +32,7 @@ import torch
 from ..config import AUTO_MAX_STRIDE
 from ..metrics import EngineMetrics
 from ..model.loading import cache_dir
+from ..model.native import build_tag
 from .request import Request
 
 PRIOR_ACCEPT = 0.75  # acceptance assumed for a draft position never measured: optimistic, so drafts get tried
@@ -142,7 +143,8 @@ def _machine_key(model) -> str:
     cfg = model.cfg
     parts = [cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
              cfg.vocab_size, model.has_adapters, str(model.dtype), getattr(model, "quant_mode", "none"),
-             torch.get_num_threads(), torch.__version__, _cpu_name(), CALIBRATION_ROWS, GATED_ROWS, CALIBRATION_VERSION]
+             torch.get_num_threads(), torch.__version__, _cpu_name(), CALIBRATION_ROWS, GATED_ROWS, CALIBRATION_VERSION,
+             build_tag(model)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .attention import attend, padded_keys, prefix_window_bias
 from .config import ModelConfig
 from .rope import RotaryTable, apply_rotary
@@ -154,6 +155,7 @@ class PagedBatch:
     groups: list[AttnGroup]  # every real token is a row of exactly one group
     write_range: int | None = None  # the write slots are [write_range, write_range + T): a slice
     block_size: int = 16  # slots per pool block (key_blocks index blocks of this size)
+    native: native.NativeRows | None = None  # set (and groups empty) when the model runs the native forward
 
 
 def _cache_attention(q: torch.Tensor, cache: KVCache, layer: int, bias: torch.Tensor) -> torch.Tensor:
@@ -266,6 +268,14 @@ class Layer(nn.Module):
         pool.v[self.index].index_copy_(1, batch.write_slots, v[0, :, :n])
 
 
+_EMPTY_ROWS = torch.empty(0, dtype=torch.long)
+_NO_WINDOW = torch.empty(1, 0, dtype=torch.uint8)
+
+
+def _binary(gate: torch.Tensor) -> bool:
+    return bool(((gate == 0) | (gate == 1)).all())
+
+
 class Decoder(nn.Module):
     """Embedding → layers → final norm; ``logits`` applies the output head separately so callers
     pay for the vocabulary projection only at the positions they read."""
@@ -307,6 +317,11 @@ class Decoder(nn.Module):
             input_ids, positions = input_ids[None], positions[None]
             gate = gate[None] if gate is not None else None
         b, t = input_ids.shape
+        if cache is not None and b == 1 and attn_mask is None and key_valid is None:
+            plan = self.native_plan()
+            if plan is not None and (gate is None or _binary(gate)):
+                return self._hidden_native_cache(plan, input_ids[0], positions[0], cache,
+                                                 None if gate is None else gate[0], window_mask)[None]
         attn = self._attn_args(b, t, cache, attn_mask, key_valid, window_mask)
         x = self._run_layers(input_ids, positions, gate, attn)
         if cache is not None:
@@ -319,8 +334,67 @@ class Decoder(nn.Module):
         gate: (T,)), K/V written to ``batch.write_slots`` of ``pool`` and attention per
         ``batch.groups``. Returns final-normed hidden states (T, hidden). Every row is computed
         exactly as ``hidden`` with a ``KVCache`` computes it (row-stable kernels, ``attend``)."""
+        if batch.native is not None:
+            plan = self.native_plan()
+            if plan is None:
+                raise RuntimeError("a native batch layout for a model that does not run natively")
+            return self._forward_native(plan, input_ids, positions, gate, pool.k, pool.v, batch.write_slots,
+                                        batch.native)
         attn = _Attn(None, 0, None, False, paged=batch, pool=pool)
         return self._run_layers(input_ids[None], positions[None], None if gate is None else gate[None], attn)[0]
+
+    # ---- the native forward (idlm/model/native): bf16 inference on the CPU ---------------------------
+
+    def native_plan(self) -> native.Plan | None:
+        """The native forward's weight plan, or None when this forward runs in Python (training, fp32,
+        another device, the extension turned off or not buildable). Rebuilt when the weights it derived
+        from change (an adapter loaded or trained, quantization)."""
+        if torch.is_grad_enabled() or self.__dict__.get("_native_off"):
+            return None
+        if native.unsupported(self) is not None or not native.load():
+            return None
+        state = self.__dict__.get("_native_plan")
+        if state is None or not state.fresh(self):
+            state = native.Plan(self)
+            self.__dict__["_native_plan"] = state
+        return state
+
+    def use_native(self, on: bool) -> None:
+        """Turn the native forward off (or back on) for this model, e.g. to compare the two forwards."""
+        self.__dict__["_native_off"] = not on
+
+    @property
+    def runs_native(self) -> bool:
+        """True when inference forwards of this model take the native path."""
+        with torch.inference_mode():
+            return self.native_plan() is not None
+
+    def _forward_native(self, plan: native.Plan, ids: torch.Tensor, positions: torch.Tensor,
+                        gate: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, write_slots: torch.Tensor,
+                        rows: native.NativeRows) -> torch.Tensor:
+        x = self.embed(ids).contiguous()
+        cos, sin = self.rope.lookup(positions, torch.float32)
+        gated = _EMPTY_ROWS if gate is None else gate.reshape(-1).nonzero().reshape(-1)
+        return plan.forward(x, cos, sin, gated, k, v, write_slots, rows)
+
+    def _hidden_native_cache(self, plan: native.Plan, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                             gate: torch.Tensor | None, window_mask: torch.Tensor | None) -> torch.Tensor:
+        """``hidden`` over a batch-1 ``KVCache`` through the native forward: the cache is a pool whose
+        logical key k is slot k."""
+        t, start = ids.shape[0], cache.length
+        cache.reserve(t)
+        if window_mask is None:  # causal: row i sees keys [0, start + i]
+            rows = native.NativeRows(_EMPTY_ROWS.new_zeros(t), torch.arange(start + 1, start + t + 1),
+                                     torch.full((t,), start), _NO_WINDOW.expand(t, 0), _EMPTY_ROWS)
+        else:
+            if window_mask.shape != (t, t):
+                raise ValueError(f"window_mask must be ({t}, {t}) bool")
+            rows = native.NativeRows(_EMPTY_ROWS.new_zeros(t), torch.full((t,), start), torch.full((t,), start),
+                                     window_mask.to(torch.uint8).contiguous(), _EMPTY_ROWS)
+        out = self._forward_native(plan, ids, positions, gate, cache.k[:, 0], cache.v[:, 0],
+                                   torch.arange(start, start + t), rows)
+        cache.length = start + t
+        return out
 
     def _run_layers(self, ids: torch.Tensor, positions: torch.Tensor, gate: torch.Tensor | None,
                     attn: _Attn) -> torch.Tensor:

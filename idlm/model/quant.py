@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config import QUANT_CHOICES, QUANT_MODES  # noqa: F401 (QUANT_CHOICES re-exported)
+from . import native
 
 GROUP = 32  # int4 group size: GGUF's block size, and the smallest the kernel accepts
 _N_ALIGN = 16  # the int4 packer needs the output dim divisible by this
@@ -43,17 +44,21 @@ class QuantLinear(nn.Module):
     """y = x Wᵀ + b with W stored as int4 (group-wise) or int8 (per row) codes; no autograd."""
 
     def __init__(self, kind: str, out_features: int, in_features: int, packed: torch.Tensor,
-                 scales: torch.Tensor, bias: torch.Tensor | None = None, source: str = "dense"):
+                 scales: torch.Tensor, bias: torch.Tensor | None = None, source: str = "dense", fmt: str = "aten"):
         super().__init__()
+        if fmt not in ("aten", "idlm"):
+            raise ValueError(f"unknown packing {fmt!r}")
         if kind not in ("int4", "int8"):
             raise ValueError(f"unknown quantized kind {kind!r}")
         why = quantizable(kind, out_features, in_features)
         if why is not None:  # the kernels return wrong numbers for such shapes: never build one
             raise ValueError(f"{kind} kernel cannot take a ({out_features}, {in_features}) weight: {why}")
         self.kind, self.out_features, self.in_features, self.source = kind, out_features, in_features, source
+        self.fmt = fmt  # "idlm": idlm's kernel (native/wmm.cpp, fp32 bias); "aten": PyTorch's (bf16 bias)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("qbias", None if bias is None else bias.to(COMPUTE_DTYPE), persistent=False)
+        bias_dtype = torch.float32 if fmt == "idlm" else COMPUTE_DTYPE
+        self.register_buffer("qbias", None if bias is None else bias.to(bias_dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features
@@ -61,6 +66,10 @@ class QuantLinear(nn.Module):
         if flat.dtype != COMPUTE_DTYPE:
             flat = flat.to(COMPUTE_DTYPE)
         flat = flat.contiguous()
+        if self.fmt == "idlm":
+            y = native.ops().wmm(flat, self.packed, self.scales, 4 if self.kind == "int4" else 8, self.out_features,
+                                 self.qbias)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales)
             if y.shape[1] != self.out_features:
@@ -72,21 +81,32 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, in={self.in_features}, out={self.out_features}, from {self.source}"
+        return f"{self.kind}, in={self.in_features}, out={self.out_features}, from {self.source}, {self.fmt} kernel"
+
+
+def uses_idlm_kernel() -> bool:
+    """True when new quantized layers are packed for idlm's own kernel (``native/wmm.cpp``: AVX-512 BF16,
+    cost nearly flat in the row count, fp32 group scales and minimums), else for PyTorch's."""
+    return native.load() and bool(native.ops().wmm_available())
 
 
 def int4_reference(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The fp32 weight the int4 kernel computes with: (codes − 8) · scale + zero, scale and zero
-    rounded to bf16 as the kernel stores them."""
-    s = scale.to(COMPUTE_DTYPE).float().repeat_interleave(GROUP, 1)
-    z = zero.to(COMPUTE_DTYPE).float().repeat_interleave(GROUP, 1)
-    return (codes.float() - 8) * s + z
+    """The fp32 weight the int4 kernel computes with: (codes − 8) · scale + zero; PyTorch's kernel
+    stores scale and zero rounded to bf16, idlm's keeps them in fp32."""
+    if uses_idlm_kernel():
+        s, z = scale.float(), zero.float()
+    else:
+        s, z = scale.to(COMPUTE_DTYPE).float(), zero.to(COMPUTE_DTYPE).float()
+    return (codes.float() - 8) * s.repeat_interleave(GROUP, 1) + z.repeat_interleave(GROUP, 1)
 
 
 def int4_from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     bias: torch.Tensor | None = None, source: str = "dense") -> QuantLinear:
     """codes (N, K) in 0..15, scale / zero (N, K/GROUP) fp32, w = (codes − 8) · scale + zero."""
     n, k = codes.shape
+    if uses_idlm_kernel():
+        packed, params = native.ops().int4_pack(codes, scale.float(), zero.float() - 8 * scale.float())
+        return QuantLinear("int4", n, k, packed, params, bias, source, fmt="idlm")
     pad = (-n) % _N_ALIGN
     if pad:
         codes = torch.cat([codes, codes.new_full((pad, k), 8)])
@@ -140,6 +160,9 @@ def _pack(spec: tuple, bias: torch.Tensor | None, source: str, extra: torch.Tens
             bias = torch.cat([bias, bias.new_zeros(extra.shape[0])])
     if kind == "int4":
         q = int4_from_codes(spec[1], spec[2], spec[3], bias, source)
+    elif uses_idlm_kernel():
+        packed, params = native.ops().int8_pack(spec[1], spec[2].float())
+        q = QuantLinear("int8", spec[1].shape[0], spec[1].shape[1], packed, params, bias, source, fmt="idlm")
     else:
         q = QuantLinear("int8", spec[1].shape[0], spec[1].shape[1], spec[1].contiguous(), spec[2].to(COMPUTE_DTYPE),
                         bias, source)

@@ -45,6 +45,9 @@ def load_into(state: ServerState, server: DrainingServer | None = None) -> None:
         lm = load_model(cfg.model, dtype=DTYPES[cfg.dtype], quant=cfg.quant)
         if lm.quant is not None:
             print(f"idlm: {lm.quant.summary()}", file=sys.stderr, flush=True)
+        from ..model.native import describe
+
+        print(f"idlm: forward: {describe(lm.model)}", file=sys.stderr, flush=True)
         tok = lm.tokenizer()
         ecfg = EngineConfig(max_running=cfg.max_running, max_batched_tokens=cfg.max_batched_tokens,
                             kv_cache_gb=cfg.kv_cache_gb, max_model_len=cfg.max_model_len)

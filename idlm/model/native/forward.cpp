@@ -1,0 +1,625 @@
+// idlm native CPU forward: the whole decoder layer stack of one inference forward in one call.
+//
+// Why: the Python forward of a 30-layer model issues ~8,000 ATen calls per token, and on a 2-core CPU
+// their overhead (~15 ms) dwarfs the quantized matmuls (~6 ms). Here the matmuls are still PyTorch's own
+// row-stable kernels (int4 / int8 weight-only, or a dense bf16 linear); everything between them (RMSNorm,
+// RoPE, the K/V write, attention, residuals, SiLU, the gated-LoRA update) is a plain loop over rows.
+//
+// Determinism (what lossless ISD and batch invariance need): every row is computed by the same code
+// whatever else is in the batch.
+//   * per-row loops have no cross-row reductions;
+//   * reductions (dot products, sums of squares, softmax sums) accumulate in fixed lanes of 16 with fmaf
+//     and end in a fixed pairwise tree, so their order is a function of the row's data only;
+//   * attention visits a row's keys in the order of their logical position in the sequence, the same
+//     keys whatever the batch layout (a paged pool, a contiguous cache, other requests' rows);
+//   * the file is compiled with -ffp-contract=off (no implicit fused multiply-adds) and without
+//     -ffast-math, so the compiler may not reorder any floating-point operation.
+// The matmul kernels are row-stable by measurement (idlm/model/quant.py, decoder.row_stable_linear).
+//
+// Layout conventions: activations bf16 (T, hidden) row-major; the K/V pool (layers, Hkv, slots, D) bf16;
+// q is kept in fp32 after RoPE (it never goes through memory as bf16).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "wmm.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace {
+
+constexpr int L = 16;  // accumulation lanes
+
+inline float bf2f(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f2bf(float f) {  // round to nearest even (NaN kept a NaN)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// exp(x) in float, ~1 ulp, branch-free so loops over it vectorize. Same bits for the same x always.
+inline float exp_f(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
+  float t = std::fmaf(x, 1.44269504088896341f, magic);
+  float n = t - magic;
+  float r = std::fmaf(n, -0.693145751953125f, x);  // Cody-Waite: ln2 = hi + lo
+  r = std::fmaf(n, -1.428606765330187045e-06f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fmaf(p, r, 1.3981999507e-3f);
+  p = std::fmaf(p, r, 8.3334519073e-3f);
+  p = std::fmaf(p, r, 4.1665795894e-2f);
+  p = std::fmaf(p, r, 1.6666665459e-1f);
+  p = std::fmaf(p, r, 5.0000001201e-1f);
+  p = std::fmaf(p, r * r, r);
+  p = p + 1.0f;
+  int32_t ni;
+  uint32_t tb;
+  std::memcpy(&tb, &t, 4);
+  ni = static_cast<int32_t>(tb & 0x7fffff) - 0x400000;  // the integer n, from t's mantissa
+  uint32_t sb = static_cast<uint32_t>(ni + 127) << 23;
+  float s;
+  std::memcpy(&s, &sb, 4);
+  return p * s;
+}
+
+inline float tree16(const float* a) {  // fixed pairwise sum of 16 lanes
+  float b[8], c[4];
+  for (int i = 0; i < 8; ++i) b[i] = a[i] + a[i + 8];
+  for (int i = 0; i < 4; ++i) c[i] = b[i] + b[i + 4];
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+// sum_i a[i] * b[i], n a multiple of 16
+inline float dot_ff(const float* a, const float* b, int64_t n) {
+  float acc[L] = {0};
+  for (int64_t i = 0; i < n; i += L)
+    for (int l = 0; l < L; ++l) acc[l] = std::fmaf(a[i + l], b[i + l], acc[l]);
+  return tree16(acc);
+}
+
+// sum of squares of n bf16 values (any n: the tail goes to lanes by index)
+inline float sumsq_bf(const uint16_t* x, int64_t n) {
+  float acc[L] = {0};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int l = 0; l < L; ++l) {
+      float v = bf2f(x[i + l]);
+      acc[l] = std::fmaf(v, v, acc[l]);
+    }
+  for (; i < n; ++i) {
+    float v = bf2f(x[i]);
+    acc[i % L] = std::fmaf(v, v, acc[i % L]);
+  }
+  return tree16(acc);
+}
+
+// out[k] = bf16(x[k] * r * w[k]) for one row: RMSNorm with weight w (bf16)
+inline void rmsnorm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t n, float eps) {
+  float r = 1.0f / std::sqrt(sumsq_bf(x, n) / static_cast<float>(n) + eps);
+  for (int64_t k = 0; k < n; ++k) out[k] = f2bf(bf2f(x[k]) * r * bf2f(w[k]));
+}
+
+inline const uint16_t* bf(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+inline uint16_t* bfm(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
+
+// ---- linear layers --------------------------------------------------------------------------------
+
+// DENSE: at::linear; INT4 / INT8: PyTorch's weight-only kernels; WMM4 / WMM8: idlm's (wmm.cpp)
+enum Kind : int64_t { DENSE = 0, INT4 = 1, INT8 = 2, WMM4 = 4, WMM8 = 8 };
+
+struct Lin {
+  int64_t kind = -1;  // -1: absent
+  at::Tensor w, scales, bias;  // dense: w (N, K) bf16; int4: packed, scales_and_zeros; int8: packed, scales
+  int64_t cols = 0;  // output columns used (the int4 kernel pads its output to 16)
+  bool present() const { return kind >= 0; }
+
+  // x (M, K) bf16 contiguous -> (M, >= cols) bf16; the first `cols` columns are the result
+  at::Tensor operator()(const at::Tensor& x) const {
+    if (kind == WMM4 || kind == WMM8) return idlm::wmm(x, w, scales, kind, cols, bias);
+    at::Tensor y;
+    if (kind == INT4) {
+      y = at::_weight_int4pack_mm_for_cpu(x, w, 32, scales);
+    } else if (kind == INT8) {
+      y = at::_weight_int8pack_mm(x, w, scales);
+    } else {  // dense bf16: one row takes another kernel than two or more (decoder.row_stable_linear)
+      if (x.size(0) == 1) {
+        y = at::linear(at::cat({x, at::zeros_like(x)}), w).narrow(0, 0, 1);
+      } else {
+        y = at::linear(x, w);
+      }
+    }
+    if (bias.defined()) y = y.narrow(1, 0, cols).add(bias);
+    return y.size(1) == cols ? y : y.narrow(1, 0, cols).contiguous();
+  }
+};
+
+// A projection with an optional gated LoRA (R-ISD): y = main(x)[:, :out] (+ B(A x) on gated rows).
+// A is either fused into main (its rows follow the `out` base rows) or a separate linear.
+struct Proj {
+  Lin main, a, b;
+  int64_t out = 0, rank = 0;
+  bool fused_a = false;
+
+  // x (M, K) bf16 contiguous; gated: rows (ascending) whose gate is 1. Returns (M, >= out) bf16 whose
+  // first `out` columns are the result (a fused A's columns may follow: callers use y.size(1) as the
+  // row stride).
+  at::Tensor operator()(const at::Tensor& x, const std::vector<int64_t>& gated) const {
+    at::Tensor y = main(x);
+    if (rank == 0 || !b.present() || gated.empty()) return y;
+    const int64_t mg = static_cast<int64_t>(gated.size()), ld = y.size(1);
+    at::Tensor t;
+    if (fused_a) {  // A x of the gated rows, from the fused output's last `rank` columns
+      t = at::empty({mg, rank}, y.options());
+      for (int64_t r = 0; r < mg; ++r)
+        std::memcpy(bfm(t) + r * rank, bf(y) + gated[r] * ld + out, rank * sizeof(uint16_t));
+    } else {
+      at::Tensor xg = at::empty({mg, x.size(1)}, x.options());
+      for (int64_t r = 0; r < mg; ++r)
+        std::memcpy(bfm(xg) + r * x.size(1), bf(x) + gated[r] * x.size(1), x.size(1) * sizeof(uint16_t));
+      t = a(xg);
+    }
+    at::Tensor delta = b(t);  // (mg, >= out) bf16
+    const int64_t dld = delta.size(1);
+    uint16_t* yp = bfm(y);
+    const uint16_t* dp = bf(delta);
+    for (int64_t r = 0; r < mg; ++r) {
+      uint16_t* yr = yp + gated[r] * ld;
+      const uint16_t* dr = dp + r * dld;
+      for (int64_t k = 0; k < out; ++k) yr[k] = f2bf(bf2f(yr[k]) + bf2f(dr[k]));
+    }
+    return y;
+  }
+};
+
+struct LayerW {
+  at::Tensor ln1, ln2, qn, kn;  // qn / kn: Qwen3 per-head q/k norms (undefined otherwise)
+  Proj qkv, o, gate_up, down;
+};
+
+struct Plan {
+  int64_t layers, hidden, heads, kv_heads, head_dim, inter;
+  float eps;
+  std::vector<LayerW> ws;
+  at::Tensor norm;
+};
+
+std::mutex g_mu;
+std::map<int64_t, std::shared_ptr<Plan>> g_plans;
+int64_t g_next = 1;
+
+// tensors: per layer [ln1, ln2, qn, kn] + 4 projections x 3 linears x [w, scales, bias], then the final norm.
+// meta: [layers, hidden, heads, kv_heads, head_dim, inter], then per layer per projection
+//       [out, rank, fused_a, main.kind, main.cols, a.kind, a.cols, b.kind, b.cols].
+int64_t plan_create(std::vector<at::Tensor> tensors, std::vector<int64_t> meta, double eps) {
+  auto p = std::make_shared<Plan>();
+  TORCH_CHECK(meta.size() >= 6, "idlm native: bad plan meta");
+  p->layers = meta[0];
+  p->hidden = meta[1];
+  p->heads = meta[2];
+  p->kv_heads = meta[3];
+  p->head_dim = meta[4];
+  p->inter = meta[5];
+  p->eps = static_cast<float>(eps);
+  TORCH_CHECK(p->head_dim % L == 0 && p->head_dim <= 1024, "idlm native: head_dim must be a multiple of 16, <= 1024");
+  TORCH_CHECK(p->heads % p->kv_heads == 0 && (p->heads / p->kv_heads) * (p->head_dim / 16) <= 256,
+              "idlm native: (heads per K/V head) * head_dim / 16 must be at most 256");
+  const size_t per_layer = 4 + 4 * 9;
+  TORCH_CHECK(tensors.size() == static_cast<size_t>(p->layers) * per_layer + 1, "idlm native: bad tensor count");
+  TORCH_CHECK(meta.size() == 6 + static_cast<size_t>(p->layers) * 4 * 9, "idlm native: bad meta size");
+  size_t ti = 0, mi = 6;
+  for (int64_t i = 0; i < p->layers; ++i) {
+    LayerW lw;
+    lw.ln1 = tensors[ti++];
+    lw.ln2 = tensors[ti++];
+    lw.qn = tensors[ti++];
+    lw.kn = tensors[ti++];
+    Proj* projs[4] = {&lw.qkv, &lw.o, &lw.gate_up, &lw.down};
+    for (Proj* pr : projs) {
+      pr->out = meta[mi++];
+      pr->rank = meta[mi++];
+      pr->fused_a = meta[mi++] != 0;
+      Lin* lins[3] = {&pr->main, &pr->a, &pr->b};
+      for (Lin* ln : lins) {
+        ln->kind = meta[mi++];
+        ln->cols = meta[mi++];
+        ln->w = tensors[ti++];
+        ln->scales = tensors[ti++];
+        ln->bias = tensors[ti++];
+        if (ln->w.defined() && ln->w.numel() == 0) ln->w = at::Tensor();
+        if (ln->scales.defined() && ln->scales.numel() == 0) ln->scales = at::Tensor();
+        if (ln->bias.defined() && ln->bias.numel() == 0) ln->bias = at::Tensor();
+      }
+    }
+    if (lw.qn.defined() && lw.qn.numel() == 0) lw.qn = at::Tensor();
+    if (lw.kn.defined() && lw.kn.numel() == 0) lw.kn = at::Tensor();
+    p->ws.push_back(std::move(lw));
+  }
+  p->norm = tensors[ti++];
+  std::lock_guard<std::mutex> g(g_mu);
+  int64_t h = g_next++;
+  g_plans[h] = p;
+  return h;
+}
+
+void plan_release(int64_t h) {
+  std::lock_guard<std::mutex> g(g_mu);
+  g_plans.erase(h);
+}
+
+// ---- attention ------------------------------------------------------------------------------------
+
+// One (row, kv head): G query heads (fp32, pre-scaled) over the row's keys, in the row's key order:
+// scores, a max-subtracted exp, their sum, then sum_j p_j v_j / sum. A function of the row's query and
+// its keys only.
+#if defined(__AVX512F__)
+inline __m512 load_bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline __m512 exp16(__m512 x) {  // exp_f, lane by lane (the same operations, so the same bits)
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+  __m512 n = _mm512_sub_ps(t, magic);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  __m512i ni = _mm512_sub_epi32(_mm512_and_si512(_mm512_castps_si512(t), _mm512_set1_epi32(0x7fffff)),
+                                _mm512_set1_epi32(0x400000));
+  __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23));
+  return _mm512_mul_ps(p, sc);
+}
+
+void attend_row_head(const float* q, int64_t G, int64_t D, const int64_t* keys, int64_t n,
+                     const uint16_t* kbase, const uint16_t* vbase, int64_t s_stride,
+                     uint16_t* out, std::vector<float>& scratch) {
+  const int64_t C = D / 16;  // D <= 1024, G <= 64 (checked at plan creation)
+  scratch.resize(static_cast<size_t>(G * n + 16));
+  float* sc = scratch.data();
+  __m512 qv[256];  // G * C <= 256 (checked at plan creation)
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) qv[g * C + c] = _mm512_loadu_ps(q + g * D + 16 * c);
+  __m512 kf[64];
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* kp = kbase + keys[j] * s_stride;
+    for (int64_t c = 0; c < C; ++c) kf[c] = load_bf16x16(kp + 16 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512* qg = qv + g * C;
+      __m512 acc = _mm512_mul_ps(qg[0], kf[0]);
+      for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qg[c], kf[c], acc);
+      sc[g * n + j] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  float inv[64];
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = sc + g * n;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+    if (j < n) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << (n - j)) - 1), s + j));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= n; j += 16) {
+      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+      _mm512_storeu_ps(s + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (j < n) {
+      const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
+      __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), m));
+      _mm512_mask_storeu_ps(s + j, k, e);
+      sum = _mm512_mask_add_ps(sum, k, sum, e);
+    }
+    inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+  __m512 acc[256];
+  for (int64_t i = 0; i < G * C; ++i) acc[i] = _mm512_setzero_ps();
+  __m512 vf[64];
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* vp = vbase + keys[j] * s_stride;
+    for (int64_t c = 0; c < C; ++c) vf[c] = load_bf16x16(vp + 16 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 pj = _mm512_set1_ps(sc[g * n + j]);
+      for (int64_t c = 0; c < C; ++c) acc[g * C + c] = _mm512_fmadd_ps(pj, vf[c], acc[g * C + c]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 iv = _mm512_set1_ps(inv[g]);
+    for (int64_t c = 0; c < C; ++c) {
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, _mm512_mul_ps(acc[g * C + c], iv));
+      for (int l = 0; l < 16; ++l) out[g * D + 16 * c + l] = f2bf(tmp[l]);
+    }
+  }
+}
+#else
+void attend_row_head(const float* q, int64_t G, int64_t D, const int64_t* keys, int64_t n,
+                     const uint16_t* kbase, const uint16_t* vbase, int64_t s_stride,
+                     uint16_t* out, std::vector<float>& scratch) {
+  // scratch: scores (G * n), then G * D accumulators, then D converted values
+  scratch.resize(static_cast<size_t>(G * n + G * D + D));
+  float* sc = scratch.data();
+  float* acc = sc + G * n;
+  float* buf = acc + G * D;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* kp = kbase + keys[j] * s_stride;
+    for (int64_t d = 0; d < D; ++d) buf[d] = bf2f(kp[d]);
+    for (int64_t g = 0; g < G; ++g) sc[g * n + j] = dot_ff(q + g * D, buf, D);
+  }
+  float inv[64];
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = sc + g * n;
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
+    float lanes[L] = {0};
+    for (int64_t j = 0; j < n; ++j) {
+      float e = exp_f(s[j] - m);
+      s[j] = e;
+      lanes[j % L] += e;
+    }
+    inv[g] = 1.0f / tree16(lanes);
+  }
+  std::fill(acc, acc + G * D, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* vp = vbase + keys[j] * s_stride;
+    for (int64_t d = 0; d < D; ++d) buf[d] = bf2f(vp[d]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float pj = sc[g * n + j];
+      float* a = acc + g * D;
+      for (int64_t d = 0; d < D; ++d) a[d] = std::fmaf(pj, buf[d], a[d]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = f2bf(acc[g * D + d] * inv[g]);
+}
+#endif
+
+// ---- the forward ----------------------------------------------------------------------------------
+
+// x: (T, hidden) bf16, updated in place and returned final-normed (a new tensor).
+// cos, sin: (T, D) fp32 rotary rows of each token's position.
+// gated: (G,) int64 rows whose LoRA gate is 1 (ascending), or empty.
+// kpool, vpool: (layers, Hkv, slots, D) bf16 (slot stride may exceed D; D contiguous).
+// write_slots: (n,) int64 pool slot of tokens 0..n-1 (later tokens are padding: no K/V, no attention).
+// row_seq: (T,) int64 table row of each token's sequence (-1: padding).
+// row_ctx: (T,) int64 the token sees its sequence's logical keys [0, ctx) ...
+// row_ws, win: ... and logical key ws + j (j < W) when win[t, j] != 0 (and ws + j >= ctx).
+// tables: (R, nb) int64 block tables (logical key k -> slot tables[r][k / bs] * bs + k % bs); empty:
+//         logical key k is slot k.
+at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
+                   const at::Tensor& gated_t, at::Tensor kpool, at::Tensor vpool, const at::Tensor& write_slots,
+                   const at::Tensor& row_seq, const at::Tensor& row_ctx, const at::Tensor& row_ws,
+                   const at::Tensor& win, const at::Tensor& tables, int64_t block_size) {
+  std::shared_ptr<Plan> pp;
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    auto it = g_plans.find(plan);
+    TORCH_CHECK(it != g_plans.end(), "idlm native: unknown plan ", plan);
+    pp = it->second;
+  }
+  const Plan& P = *pp;
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2, "idlm native: x must be (T, H) bf16");
+  TORCH_CHECK(kpool.scalar_type() == at::kBFloat16 && vpool.scalar_type() == at::kBFloat16, "idlm native: bf16 pool");
+  TORCH_CHECK(kpool.stride(3) == 1 && vpool.stride(3) == 1 && kpool.stride(2) == vpool.stride(2) &&
+              kpool.stride(1) == vpool.stride(1) && kpool.stride(0) == vpool.stride(0), "idlm native: pool layout");
+  const int64_t T = x.size(0), Hd = P.hidden, H = P.heads, Hkv = P.kv_heads, D = P.head_dim;
+  const int64_t G = H / Hkv, half = D / 2;
+  const int64_t n_write = write_slots.size(0);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  const int64_t* wslot = write_slots.data_ptr<int64_t>();
+  const int64_t* rseq = row_seq.data_ptr<int64_t>();
+  const int64_t* rctx = row_ctx.data_ptr<int64_t>();
+  const int64_t* rws = row_ws.data_ptr<int64_t>();
+  const int64_t W = win.dim() == 2 ? win.size(1) : 0;
+  const uint8_t* wm = W ? win.data_ptr<uint8_t>() : nullptr;
+  const bool ident = tables.numel() == 0;
+  const int64_t nb = ident ? 0 : tables.size(1);
+  const int64_t* tb = ident ? nullptr : tables.data_ptr<int64_t>();
+  std::vector<int64_t> gated(gated_t.data_ptr<int64_t>(), gated_t.data_ptr<int64_t>() + gated_t.numel());
+
+  // every row's key slots, in logical order (shared by all layers)
+  std::vector<int64_t> koff(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t n = 0;
+    if (rseq[t] >= 0) {
+      n = rctx[t];
+      for (int64_t j = 0; j < W; ++j)
+        if (wm[t * W + j] && rws[t] + j >= rctx[t]) ++n;
+    }
+    koff[t + 1] = koff[t] + n;
+  }
+  std::vector<int64_t> keys(koff[T]);
+  auto slot_of = [&](int64_t r, int64_t k) -> int64_t {
+    return ident ? k : tb[r * nb + k / block_size] * block_size + k % block_size;
+  };
+  for (int64_t t = 0; t < T; ++t) {
+    if (rseq[t] < 0) continue;
+    int64_t* kk = keys.data() + koff[t];
+    const int64_t r = rseq[t];
+    for (int64_t k = 0; k < rctx[t]; ++k) *kk++ = slot_of(r, k);
+    for (int64_t j = 0; j < W; ++j)
+      if (wm[t * W + j] && rws[t] + j >= rctx[t]) *kk++ = slot_of(r, rws[t] + j);
+  }
+
+  uint16_t* xp = bfm(x);
+  at::Tensor h = at::empty({T, Hd}, x.options());
+  at::Tensor attn = at::empty({T, H * D}, x.options());
+  at::Tensor qf = at::empty({T, H * D}, x.options().dtype(at::kFloat));
+  const int64_t sL = kpool.stride(0), sH = kpool.stride(1), sS = kpool.stride(2);
+  uint16_t* kpp = bfm(kpool);
+  uint16_t* vpp = bfm(vpool);
+  const int64_t row_grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(Hd, 1));
+
+  for (int64_t li = 0; li < P.layers; ++li) {
+    const LayerW& lw = P.ws[li];
+    const uint16_t* w1 = bf(lw.ln1);
+    uint16_t* hp = bfm(h);
+    at::parallel_for(0, T, row_grain, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) rmsnorm_row(xp + t * Hd, w1, hp + t * Hd, Hd, P.eps);
+    });
+    at::Tensor qkv = lw.qkv(h, gated);  // (T, >= (H + 2 Hkv) D)
+    const uint16_t* qp = bf(qkv);
+    const int64_t qs = qkv.size(1);
+    float* qfp = qf.data_ptr<float>();
+    uint16_t* kl = kpp + li * sL;
+    uint16_t* vl = vpp + li * sL;
+    const uint16_t* qn = lw.qn.defined() ? bf(lw.qn) : nullptr;
+    const uint16_t* kn = lw.kn.defined() ? bf(lw.kn) : nullptr;
+    // q/k norm (Qwen3), RoPE, q scaled to fp32, k/v written to the pool
+    at::parallel_for(0, T, 1, [&](int64_t a, int64_t b) {
+      uint16_t tmp[1024];
+      float f[1024];
+      for (int64_t t = a; t < b; ++t) {
+        const float* c = cs + t * D;
+        const float* s = sn + t * D;
+        for (int64_t hh = 0; hh < H + Hkv; ++hh) {
+          const uint16_t* src = qp + t * qs + hh * D;
+          const bool is_q = hh < H;
+          const uint16_t* nw = is_q ? qn : kn;
+          if (nw) {
+            rmsnorm_row(src, nw, tmp, D, P.eps);
+            src = tmp;
+          }
+          for (int64_t d = 0; d < D; ++d) f[d] = bf2f(src[d]);
+          if (is_q) {
+            float* dst = qfp + t * H * D + hh * D;
+            for (int64_t d = 0; d < half; ++d) {
+              dst[d] = (f[d] * c[d] - f[d + half] * s[d]) * scale;
+              dst[d + half] = (f[d + half] * c[d + half] + f[d] * s[d + half]) * scale;
+            }
+          } else if (t < n_write) {
+            uint16_t* dst = kl + (hh - H) * sH + wslot[t] * sS;
+            for (int64_t d = 0; d < half; ++d) {
+              dst[d] = f2bf(f[d] * c[d] - f[d + half] * s[d]);
+              dst[d + half] = f2bf(f[d + half] * c[d + half] + f[d] * s[d + half]);
+            }
+          }
+        }
+        if (t < n_write)
+          for (int64_t hh = 0; hh < Hkv; ++hh)
+            std::memcpy(vl + hh * sH + wslot[t] * sS, qp + t * qs + (H + Hkv + hh) * D, D * sizeof(uint16_t));
+      }
+    });
+    // attention: one work item per (row, kv head)
+    uint16_t* ap = bfm(attn);
+    at::parallel_for(0, T * Hkv, 1, [&](int64_t a, int64_t b) {
+      std::vector<float> scratch;
+      for (int64_t it = a; it < b; ++it) {
+        const int64_t t = it / Hkv, hh = it % Hkv;
+        uint16_t* out = ap + t * H * D + hh * G * D;
+        const int64_t n = koff[t + 1] - koff[t];
+        if (rseq[t] < 0 || n == 0) {
+          std::memset(out, 0, G * D * sizeof(uint16_t));
+          continue;
+        }
+        attend_row_head(qfp + t * H * D + hh * G * D, G, D, keys.data() + koff[t], n, kl + hh * sH, vl + hh * sH,
+                        sS, out, scratch);
+      }
+    });
+    at::Tensor o = lw.o(attn, gated);  // (T, >= hidden)
+    const uint16_t* op = bf(o);
+    const int64_t ols = o.size(1);
+    const uint16_t* w2 = bf(lw.ln2);
+    at::parallel_for(0, T, row_grain, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) {
+        uint16_t* xr = xp + t * Hd;
+        for (int64_t k = 0; k < Hd; ++k) xr[k] = f2bf(bf2f(xr[k]) + bf2f(op[t * ols + k]));
+        rmsnorm_row(xr, w2, hp + t * Hd, Hd, P.eps);
+      }
+    });
+    at::Tensor gu = lw.gate_up(h, gated);  // (T, >= 2 I)
+    const int64_t I = P.inter, gls = gu.size(1);
+    at::Tensor act = at::empty({T, I}, x.options());
+    const uint16_t* gp = bf(gu);
+    uint16_t* actp = bfm(act);
+    at::parallel_for(0, T, 1, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) {
+        const uint16_t* gr = gp + t * gls;
+        uint16_t* ar = actp + t * I;
+        for (int64_t k = 0; k < I; ++k) {
+          const float g = bf2f(gr[k]);
+          const float u = bf2f(gr[I + k]);
+          ar[k] = f2bf(g / (1.0f + exp_f(-g)) * u);
+        }
+      }
+    });
+    at::Tensor dn = lw.down(act, gated);  // (T, >= hidden)
+    const uint16_t* dp = bf(dn);
+    const int64_t dls = dn.size(1);
+    at::parallel_for(0, T, row_grain, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) {
+        uint16_t* xr = xp + t * Hd;
+        for (int64_t k = 0; k < Hd; ++k) xr[k] = f2bf(bf2f(xr[k]) + bf2f(dp[t * dls + k]));
+      }
+    });
+  }
+  at::Tensor out = at::empty({T, Hd}, x.options());
+  const uint16_t* nw = bf(P.norm);
+  uint16_t* outp = bfm(out);
+  at::parallel_for(0, T, row_grain, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) rmsnorm_row(xp + t * Hd, nw, outp + t * Hd, Hd, P.eps);
+  });
+  return out;
+}
+
+}  // namespace
+
+bool wmm_available_op() { return idlm::wmm_available(); }
+
+at::Tensor wmm_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& params, int64_t kind, int64_t n,
+                  const c10::optional<at::Tensor>& bias) {
+  return idlm::wmm(x, packed, params, kind, n, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor> int4_pack_op(const at::Tensor& codes, const at::Tensor& scale,
+                                                const at::Tensor& minimum) {
+  return idlm::int4_pack(codes, scale, minimum);
+}
+
+std::tuple<at::Tensor, at::Tensor> int8_pack_op(const at::Tensor& codes, const at::Tensor& scale) {
+  return idlm::int8_pack(codes, scale);
+}
+
+TORCH_LIBRARY(idlm_native, m) {
+  m.def("wmm_available() -> bool", wmm_available_op);
+  m.def("wmm(Tensor x, Tensor packed, Tensor params, int kind, int n, Tensor? bias=None) -> Tensor", wmm_op);
+  m.def("int4_pack(Tensor codes, Tensor scale, Tensor minimum) -> (Tensor, Tensor)", int4_pack_op);
+  m.def("int8_pack(Tensor codes, Tensor scale) -> (Tensor, Tensor)", int8_pack_op);
+  m.def("plan_create(Tensor[] tensors, int[] meta, float eps) -> int", plan_create);
+  m.def("plan_release(int plan) -> ()", plan_release);
+  m.def("forward(int plan, Tensor x, Tensor cos, Tensor sin, Tensor gated, Tensor kpool, Tensor vpool, "
+        "Tensor write_slots, Tensor row_seq, Tensor row_ctx, Tensor row_ws, Tensor win, Tensor tables, "
+        "int block_size) -> Tensor",
+        forward);
+}
