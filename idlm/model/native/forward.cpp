@@ -269,10 +269,16 @@ void plan_release(int64_t h) {
 
 // ---- attention ------------------------------------------------------------------------------------
 
-// One (row, kv head): G query heads (fp32, pre-scaled) over the row's keys, in the row's key order:
-// scores, a max-subtracted exp, their sum, then sum_j p_j v_j / sum. A function of the row's query and
-// its keys only.
-#if defined(__AVX512F__)
+// Attention, one (sequence, K/V head) at a time. Every query row of the sequence that this forward
+// computes (an ISD window, a prompt chunk) shares the keys of the common prefix: each tile of 16 keys is
+// loaded and transposed once and scored against all of the sequence's G x rows queries. What a row
+// computes is still a function of its query and its own keys only:
+//   score(q, k) = bf16 dot product over D (vdpbf16ps; pair p in partial sum p % 4, then a fixed tree),
+//   softmax over the row's keys in logical order (max, exp_f lane by lane, sum in 16 lanes by key index),
+//   out = sum_j p_j v_j in logical key order (fp32 fma per dimension), times 1 / sum.
+// Which tile a key lands in, and which other rows share it, changes none of these operations.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define IDLM_ATTN 1
 inline __m512 load_bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
@@ -299,69 +305,187 @@ inline __m512 exp16(__m512 x) {  // exp_f, lane by lane (the same operations, so
   return _mm512_mul_ps(p, sc);
 }
 
-void attend_row_head(const float* q, int64_t G, int64_t D, const int64_t* keys, int64_t n,
-                     const uint16_t* kbase, const uint16_t* vbase, int64_t s_stride,
-                     uint16_t* out, std::vector<float>& scratch) {
-  const int64_t C = D / 16;  // D <= 1024, G <= 64 (checked at plan creation)
-  scratch.resize(static_cast<size_t>(G * n + 16));
-  float* sc = scratch.data();
-  __m512 qv[256];  // G * C <= 256 (checked at plan creation)
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < C; ++c) qv[g * C + c] = _mm512_loadu_ps(q + g * D + 16 * c);
-  __m512 kf[64];
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* kp = kbase + keys[j] * s_stride;
-    for (int64_t c = 0; c < C; ++c) kf[c] = load_bf16x16(kp + 16 * c);
-    for (int64_t g = 0; g < G; ++g) {
-      const __m512* qg = qv + g * C;
-      __m512 acc = _mm512_mul_ps(qg[0], kf[0]);
-      for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qg[c], kf[c], acc);
-      sc[g * n + j] = _mm512_reduce_add_ps(acc);
-    }
+inline void transpose16(__m512i* r) {  // 16 x 16 32-bit elements, in place
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
-  float inv[64];
-  for (int64_t g = 0; g < G; ++g) {
-    float* s = sc + g * n;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
-    if (j < n) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << (n - j)) - 1), s + j));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (j = 0; j + 16 <= n; j += 16) {
-      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
-      _mm512_storeu_ps(s + j, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    if (j < n) {
-      const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
-      __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), m));
-      _mm512_mask_storeu_ps(s + j, k, e);
-      sum = _mm512_mask_add_ps(sum, k, sum, e);
-    }
-    inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
-  __m512 acc[256];
-  for (int64_t i = 0; i < G * C; ++i) acc[i] = _mm512_setzero_ps();
-  __m512 vf[64];
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* vp = vbase + keys[j] * s_stride;
-    for (int64_t c = 0; c < C; ++c) vf[c] = load_bf16x16(vp + 16 * c);
-    for (int64_t g = 0; g < G; ++g) {
-      const __m512 pj = _mm512_set1_ps(sc[g * n + j]);
-      for (int64_t c = 0; c < C; ++c) acc[g * C + c] = _mm512_fmadd_ps(pj, vf[c], acc[g * C + c]);
-    }
+  for (int j = 0; j < 4; ++j) {  // u[4i + j], lane L: rows 4i..4i+3 of column 4L + j
+    const __m512i a = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), b = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xDD);
+    const __m512i c = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88), d = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xDD);
+    r[j] = _mm512_shuffle_i32x4(a, c, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    r[4 + j] = _mm512_shuffle_i32x4(b, d, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(b, d, 0xDD);
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const __m512 iv = _mm512_set1_ps(inv[g]);
+}
+
+struct AttnScratch {
+  std::vector<float> scores;
+  std::vector<int32_t> qpairs;  // the queries as bf16 pairs
+  std::vector<__m512i> tile;    // (D / 2) x 16 keys, transposed bf16 pairs
+  std::vector<__m512> acc;
+};
+
+// scores of up to 16 keys (slots `ks`, n <= 16) against queries `qs` (count nq, each D/2 bf16 pairs),
+// written to out[qi] + 0..n-1
+inline void score_tile(const int64_t* ks, int64_t n, const uint16_t* kbase, int64_t s_stride, int64_t D,
+                       const int32_t* const* qs, int64_t nq, float* const* out, AttnScratch& sc) {
+  const int64_t P = D / 2, chunks = (P + 15) / 16;
+  sc.tile.resize(static_cast<size_t>(chunks * 16));
+  __m512i* tile = sc.tile.data();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __mmask16 m = (P - 16 * c) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (P - 16 * c)) - 1);
+    __m512i* r = tile + 16 * c;
+    for (int64_t l = 0; l < 16; ++l)
+      r[l] = l < n ? _mm512_maskz_loadu_epi32(m, kbase + ks[l] * s_stride + 32 * c) : _mm512_setzero_si512();
+    transpose16(r);  // r[p'] = pair 16c + p' of the 16 keys
+  }
+  const __mmask16 store = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const int32_t* q = qs[qi];
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t p = 0; p < P; ++p)
+      a[p & 3] = _mm512_dpbf16_ps(a[p & 3], (__m512bh)_mm512_set1_epi32(q[p]), (__m512bh)tile[p]);
+    _mm512_mask_storeu_ps(out[qi], store, _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+  }
+}
+
+// softmax of n scores in place; returns 1 / sum
+inline float softmax_row(float* s, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+  if (j < n) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << (n - j)) - 1), s + j));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= n; j += 16) {
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+    _mm512_storeu_ps(s + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (j < n) {
+    const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
+    __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), m));
+    _mm512_mask_storeu_ps(s + j, k, e);
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+// acc[qi][c] += p[qi][j] * v_j for keys j in [j0, j1) (slots ks), for nq queries (acc: nq * C vectors)
+inline void pv_range(const int64_t* ks, int64_t j0, int64_t j1, const uint16_t* vbase, int64_t s_stride, int64_t C,
+                     const float* const* p, int64_t nq, __m512* acc) {
+  if (C == 4 && nq <= 4) {  // the common case (head_dim 64): accumulators in registers
+    __m512 a[4][4];
+    for (int64_t qi = 0; qi < nq; ++qi)
+      for (int c = 0; c < 4; ++c) a[qi][c] = acc[qi * 4 + c];
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint16_t* vp = vbase + ks[j] * s_stride;
+      const __m512 v0 = load_bf16x16(vp), v1 = load_bf16x16(vp + 16), v2 = load_bf16x16(vp + 32),
+                   v3 = load_bf16x16(vp + 48);
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const __m512 pj = _mm512_set1_ps(p[qi][j]);
+        a[qi][0] = _mm512_fmadd_ps(pj, v0, a[qi][0]);
+        a[qi][1] = _mm512_fmadd_ps(pj, v1, a[qi][1]);
+        a[qi][2] = _mm512_fmadd_ps(pj, v2, a[qi][2]);
+        a[qi][3] = _mm512_fmadd_ps(pj, v3, a[qi][3]);
+      }
+    }
+    for (int64_t qi = 0; qi < nq; ++qi)
+      for (int c = 0; c < 4; ++c) acc[qi * 4 + c] = a[qi][c];
+    return;
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint16_t* vp = vbase + ks[j] * s_stride;
     for (int64_t c = 0; c < C; ++c) {
-      alignas(64) float tmp[16];
-      _mm512_store_ps(tmp, _mm512_mul_ps(acc[g * C + c], iv));
-      for (int l = 0; l < 16; ++l) out[g * D + 16 * c + l] = f2bf(tmp[l]);
+      const __m512 v = load_bf16x16(vp + 16 * c);
+      for (int64_t qi = 0; qi < nq; ++qi)
+        acc[qi * C + c] = _mm512_fmadd_ps(_mm512_set1_ps(p[qi][j]), v, acc[qi * C + c]);
+    }
+  }
+}
+
+// rows t0..t1-1 of one sequence (their key lists keys + koff[t]), K/V head hh
+void attend_group(int64_t t0, int64_t t1, int64_t hh, const float* qf, int64_t H, int64_t G, int64_t D,
+                  const int64_t* keys, const int64_t* koff, int64_t common, const uint16_t* kbase,
+                  const uint16_t* vbase, int64_t s_stride, uint16_t* attn, AttnScratch& sc) {
+  const int64_t R = t1 - t0, NQ = R * G, P = D / 2, C = D / 16;
+  // queries (row-major: row r, head g) as bf16 pairs; score buffers
+  sc.qpairs.resize(static_cast<size_t>(NQ * P));
+  std::vector<const int32_t*> qs(NQ);
+  std::vector<float*> so(NQ);
+  std::vector<const float*> sp(NQ);
+  int64_t total = 0;
+  for (int64_t r = 0; r < R; ++r) total += G * (koff[t0 + r + 1] - koff[t0 + r]);
+  sc.scores.resize(static_cast<size_t>(total + 16));
+  float* sbase = sc.scores.data();
+  for (int64_t r = 0, off = 0; r < R; ++r) {
+    const int64_t n = koff[t0 + r + 1] - koff[t0 + r];
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t qi = r * G + g;
+      const float* q = qf + (t0 + r) * H * D + (hh * G + g) * D;
+      int32_t* qp = sc.qpairs.data() + qi * P;
+      for (int64_t p = 0; p < P; ++p)
+        qp[p] = static_cast<int32_t>(f2bf(q[2 * p]) | (static_cast<uint32_t>(f2bf(q[2 * p + 1])) << 16));
+      qs[qi] = qp;
+      so[qi] = sbase + off;
+      sp[qi] = so[qi];
+      off += n;
+    }
+  }
+  // the common prefix: tiles shared by every query of the sequence
+  const int64_t* k0 = keys + koff[t0];
+  std::vector<float*> at(NQ);
+  for (int64_t j = 0; j < common; j += 16) {
+    for (int64_t qi = 0; qi < NQ; ++qi) at[qi] = so[qi] + j;
+    score_tile(k0 + j, std::min<int64_t>(16, common - j), kbase, s_stride, D, qs.data(), NQ, at.data(), sc);
+  }
+  // each row's own keys (window slots past the common prefix): its G queries
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = koff[t0 + r + 1] - koff[t0 + r];
+    const int64_t* kr = keys + koff[t0 + r];
+    for (int64_t j = common; j < n; j += 16) {
+      for (int64_t g = 0; g < G; ++g) at[r * G + g] = so[r * G + g] + j;
+      score_tile(kr + j, std::min<int64_t>(16, n - j), kbase, s_stride, D, qs.data() + r * G, G, at.data() + r * G, sc);
+    }
+  }
+  std::vector<float> inv(NQ);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = koff[t0 + r + 1] - koff[t0 + r];
+    for (int64_t g = 0; g < G; ++g) inv[r * G + g] = softmax_row(so[r * G + g], n);
+  }
+  // p v: the common prefix for chunks of queries (register accumulators), then each row's own keys
+  const int64_t QC = C == 4 ? 4 : 1;
+  sc.acc.resize(static_cast<size_t>(QC * C));
+  for (int64_t q0 = 0; q0 < NQ; q0 += QC) {
+    const int64_t nq = std::min<int64_t>(QC, NQ - q0);
+    __m512* acc = sc.acc.data();
+    for (int64_t i = 0; i < nq * C; ++i) acc[i] = _mm512_setzero_ps();
+    pv_range(k0, 0, common, vbase, s_stride, C, sp.data() + q0, nq, acc);
+    for (int64_t qi = q0; qi < q0 + nq; ++qi) {
+      const int64_t r = qi / G, g = qi % G;
+      const int64_t n = koff[t0 + r + 1] - koff[t0 + r];
+      pv_range(keys + koff[t0 + r], common, n, vbase, s_stride, C, sp.data() + qi, 1, acc + (qi - q0) * C);
+      uint16_t* out = attn + (t0 + r) * H * D + (hh * G + g) * D;
+      const __m512 iv = _mm512_set1_ps(inv[qi]);
+      for (int64_t c = 0; c < C; ++c) {
+        alignas(64) float tmp[16];
+        _mm512_store_ps(tmp, _mm512_mul_ps(acc[(qi - q0) * C + c], iv));
+        for (int l = 0; l < 16; ++l) out[16 * c + l] = f2bf(tmp[l]);
+      }
     }
   }
 }
 #else
+#define IDLM_ATTN 0
 void attend_row_head(const float* q, int64_t G, int64_t D, const int64_t* keys, int64_t n,
                      const uint16_t* kbase, const uint16_t* vbase, int64_t s_stride,
                      uint16_t* out, std::vector<float>& scratch) {
@@ -472,9 +596,36 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
       if (wm[t * W + j] && rws[t] + j >= rctx[t]) *kk++ = slot_of(r, rws[t] + j);
   }
 
+  // runs of consecutive rows of one sequence, and the logical keys all of them see
+  struct Group {
+    int64_t t0, t1, common, hh;
+  };
+  std::vector<Group> groups, work;
+  for (int64_t t = 0; t < T;) {
+    if (rseq[t] < 0 || koff[t + 1] == koff[t]) {
+      ++t;
+      continue;
+    }
+    int64_t e = t + 1, common = rctx[t];
+    while (e < T && rseq[e] == rseq[t] && koff[e + 1] > koff[e]) common = std::min(common, rctx[e++]);
+    groups.push_back({t, e, common, 0});
+    t = e;
+  }
+  // work items: (rows, kv head); a sequence's rows are split in chunks until there are two items per
+  // thread, where they can be (a row's result does not depend on which rows share its item)
+  const int64_t want = 2 * at::get_num_threads();
+  const int64_t base_items = static_cast<int64_t>(groups.size()) * Hkv;
+  const int64_t splits = base_items >= want ? 1 : (want + base_items - 1) / std::max<int64_t>(base_items, 1);
+  for (const Group& gr : groups) {
+    const int64_t R = gr.t1 - gr.t0, parts = std::min(R, splits);
+    for (int64_t i = 0; i < parts; ++i)
+      for (int64_t hh = 0; hh < Hkv; ++hh)
+        work.push_back({gr.t0 + R * i / parts, gr.t0 + R * (i + 1) / parts, gr.common, hh});
+  }
+
   uint16_t* xp = bfm(x);
   at::Tensor h = at::empty({T, Hd}, x.options());
-  at::Tensor attn = at::empty({T, H * D}, x.options());
+  at::Tensor attn = at::zeros({T, H * D}, x.options());
   at::Tensor qf = at::empty({T, H * D}, x.options().dtype(at::kFloat));
   const int64_t sL = kpool.stride(0), sH = kpool.stride(1), sS = kpool.stride(2);
   uint16_t* kpp = bfm(kpool);
@@ -531,22 +682,31 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
             std::memcpy(vl + hh * sH + wslot[t] * sS, qp + t * qs + (H + Hkv + hh) * D, D * sizeof(uint16_t));
       }
     });
-    // attention: one work item per (row, kv head)
     uint16_t* ap = bfm(attn);
+#if IDLM_ATTN
+    // attention: one work item per (rows of a sequence, kv head); padding rows stay zero
+    at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t a, int64_t b) {
+      thread_local AttnScratch scratch;
+      for (int64_t it = a; it < b; ++it) {
+        const Group& gr = work[it];
+        attend_group(gr.t0, gr.t1, gr.hh, qfp, H, G, D, keys.data(), koff.data(), gr.common, kl + gr.hh * sH,
+                     vl + gr.hh * sH, sS, ap, scratch);
+      }
+    });
+#else
+    // attention: one work item per (row, kv head)
     at::parallel_for(0, T * Hkv, 1, [&](int64_t a, int64_t b) {
       std::vector<float> scratch;
       for (int64_t it = a; it < b; ++it) {
         const int64_t t = it / Hkv, hh = it % Hkv;
         uint16_t* out = ap + t * H * D + hh * G * D;
         const int64_t n = koff[t + 1] - koff[t];
-        if (rseq[t] < 0 || n == 0) {
-          std::memset(out, 0, G * D * sizeof(uint16_t));
-          continue;
-        }
+        if (rseq[t] < 0 || n == 0) continue;
         attend_row_head(qfp + t * H * D + hh * G * D, G, D, keys.data() + koff[t], n, kl + hh * sH, vl + hh * sH,
                         sS, out, scratch);
       }
     });
+#endif
     at::Tensor o = lw.o(attn, gated);  // (T, >= hidden)
     const uint16_t* op = bf(o);
     const int64_t ols = o.size(1);
