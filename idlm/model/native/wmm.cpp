@@ -258,8 +258,9 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& packed, const at::Tenso
   TORCH_CHECK(IDLM_WMM, "idlm wmm: this build has no AVX-512 BF16 kernel");
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "idlm wmm: x must be (M, K) bf16");
   at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0);
-  TORCH_CHECK(n <= NB * 16, "idlm wmm: n larger than the packed weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(n <= packed.size(0) * 16, "idlm wmm: n larger than the packed weight");
+  const int64_t NB = (n + 15) / 16;  // only the blocks of the first n output columns are computed
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0) return y;
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
