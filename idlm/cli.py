@@ -37,10 +37,11 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default: str | None, dtype
                    help=f"weight/activation dtype (default {dtype_note or dtype_default}); greedy ISD reproduces "
                         "greedy AR bit for bit in both (see README)")
     p.add_argument("--quant", choices=QUANT_CHOICES, default=QUANT_DEFAULT,
-                   help="weight-only quantization for the CPU (idlm's AVX-512 BF16 kernels, else PyTorch's): "
-                        "int4 (groups of 32; a GGUF's "
-                        "Q4_0/Q4_1/Q4_K blocks packed as they are), int8 (per row), none = the dense --dtype weights, "
-                        "auto = int4 for a GGUF with Q4 blocks on the CPU, else none "
+                   help="quantization for the CPU (idlm's AVX-512 kernels, else PyTorch's): int4 (groups of 32; a "
+                        "GGUF's Q4_0/Q4_1/Q4_K blocks packed as they are) or int8 (per row) weights with bf16 "
+                        "activations; w4a8 / w8a8: the same weights with activations in int8 per group of 32 "
+                        "(as llama.cpp runs a Q4 GGUF; needs AVX-512 VNNI); none = the dense --dtype weights; "
+                        "auto = w4a8 (else int4) for a GGUF with Q4 blocks on the CPU, else none "
                         f"(default {QUANT_DEFAULT}); greedy ISD == greedy AR of the same network in each")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 

@@ -16,7 +16,7 @@ AUTO = "auto"
 AUTO_MAX_STRIDE = 4  # --stride auto chooses N in 1..this each step
 SAMPLING_MODES = ("exact", "coupled", "reference")
 MAX_LOGPROBS = 20
-QUANT_MODES = ("none", "int8", "int4")  # weight-only quantization (idlm/model/quant.py)
+QUANT_MODES = ("none", "int8", "int4", "w8a8", "w4a8")  # idlm/model/quant.py: weight-only, or with int8 activations
 # auto: int4 on the CPU when the weights come from a GGUF whose projections are Q4_0 / Q4_1 / Q4_K blocks (packed as
 # they are: nothing lost beyond the file's own quantization; the fastest measured here), else none
 QUANT_CHOICES = ("auto", *QUANT_MODES)

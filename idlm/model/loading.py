@@ -259,7 +259,10 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     if quant != "none":
         if device != "cpu":
             raise ModelLoadError(f"--quant {quant} uses PyTorch's CPU kernels; it runs on the CPU only")
-        loaded.quant = quantize_model(loaded.model, quant, gguf)
+        try:
+            loaded.quant = quantize_model(loaded.model, quant, gguf)
+        except ValueError as e:  # a mode this machine cannot run (int8 activations without AVX-512 VNNI)
+            raise ModelLoadError(str(e)) from None
     return loaded
 
 

@@ -44,17 +44,22 @@ class QuantLinear(nn.Module):
     """y = x Wᵀ + b with W stored as int4 (group-wise) or int8 (per row) codes; no autograd."""
 
     def __init__(self, kind: str, out_features: int, in_features: int, packed: torch.Tensor,
-                 scales: torch.Tensor, bias: torch.Tensor | None = None, source: str = "dense", fmt: str = "aten"):
+                 scales: torch.Tensor, bias: torch.Tensor | None = None, source: str = "dense", fmt: str = "aten",
+                 act: str = "bf16"):
         super().__init__()
         if fmt not in ("aten", "idlm"):
             raise ValueError(f"unknown packing {fmt!r}")
+        if act not in ("bf16", "int8") or (act == "int8" and fmt != "idlm"):
+            raise ValueError(f"activations {act!r} need idlm's kernel")
         if kind not in ("int4", "int8"):
             raise ValueError(f"unknown quantized kind {kind!r}")
-        why = quantizable(kind, out_features, in_features)
+        why = quantizable(kind, out_features, in_features, act)
         if why is not None:  # the kernels return wrong numbers for such shapes: never build one
             raise ValueError(f"{kind} kernel cannot take a ({out_features}, {in_features}) weight: {why}")
         self.kind, self.out_features, self.in_features, self.source = kind, out_features, in_features, source
         self.fmt = fmt  # "idlm": idlm's kernel (native/wmm.cpp, fp32 bias); "aten": PyTorch's (bf16 bias)
+        self.act = act  # "int8": activations quantized per row and group of 32 inside the kernel (W4A8 / W8A8)
+        self.code = (4 if kind == "int4" else 8) + (10 if act == "int8" else 0)  # wmm.cpp's kind
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         bias_dtype = torch.float32 if fmt == "idlm" else COMPUTE_DTYPE
@@ -67,8 +72,7 @@ class QuantLinear(nn.Module):
             flat = flat.to(COMPUTE_DTYPE)
         flat = flat.contiguous()
         if self.fmt == "idlm":
-            y = native.ops().wmm(flat, self.packed, self.scales, 4 if self.kind == "int4" else 8, self.out_features,
-                                 self.qbias)
+            y = native.ops().wmm(flat, self.packed, self.scales, self.code, self.out_features, self.qbias)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales)
@@ -81,13 +85,17 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, in={self.in_features}, out={self.out_features}, from {self.source}, {self.fmt} kernel"
+        acts = ", int8 activations" if self.act == "int8" else ""
+        return f"{self.kind}, in={self.in_features}, out={self.out_features}, from {self.source}, {self.fmt} kernel{acts}"
 
 
-def uses_idlm_kernel() -> bool:
+def uses_idlm_kernel(act: str = "bf16") -> bool:
     """True when new quantized layers are packed for idlm's own kernel (``native/wmm.cpp``: AVX-512 BF16,
-    cost nearly flat in the row count, fp32 group scales and minimums), else for PyTorch's."""
-    return native.load() and bool(native.ops().wmm_available())
+    cost nearly flat in the row count, fp32 group scales and minimums), else for PyTorch's. With int8
+    activations: whether idlm's VNNI kernel is there (no fallback exists for it)."""
+    if not native.load():
+        return False
+    return bool(native.ops().vnni_available() if act == "int8" else native.ops().wmm_available())
 
 
 def int4_reference(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -101,12 +109,12 @@ def int4_reference(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor)
 
 
 def int4_from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    bias: torch.Tensor | None = None, source: str = "dense") -> QuantLinear:
+                    bias: torch.Tensor | None = None, source: str = "dense", act: str = "bf16") -> QuantLinear:
     """codes (N, K) in 0..15, scale / zero (N, K/GROUP) fp32, w = (codes − 8) · scale + zero."""
     n, k = codes.shape
-    if uses_idlm_kernel():
-        packed, params = native.ops().int4_pack(codes, scale.float(), zero.float() - 8 * scale.float())
-        return QuantLinear("int4", n, k, packed, params, bias, source, fmt="idlm")
+    if act == "int8" or uses_idlm_kernel():
+        packed, params = native.ops().int4_pack(codes, scale.float(), zero.float() - 8 * scale.float(), act == "int8")
+        return QuantLinear("int4", n, k, packed, params, bias, source, fmt="idlm", act=act)
     pad = (-n) % _N_ALIGN
     if pad:
         codes = torch.cat([codes, codes.new_full((pad, k), 8)])
@@ -143,12 +151,14 @@ def int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8), scale
 
 
-def int8_from_dense(w: torch.Tensor, bias: torch.Tensor | None = None, source: str = "dense") -> QuantLinear:
+def int8_from_dense(w: torch.Tensor, bias: torch.Tensor | None = None, source: str = "dense",
+                    act: str = "bf16") -> QuantLinear:
     """``int8_codes`` as a layer."""
-    return _pack(_dense_spec(w, "int8"), bias, source)
+    return _pack(_dense_spec(w, "int8"), bias, source, act=act)
 
 
-def _pack(spec: tuple, bias: torch.Tensor | None, source: str, extra: torch.Tensor | None = None) -> QuantLinear:
+def _pack(spec: tuple, bias: torch.Tensor | None, source: str, extra: torch.Tensor | None = None,
+          act: str = "bf16") -> QuantLinear:
     """A layer from codes: spec ("int4", codes, scale, zero) or ("int8", codes, scale). ``extra`` (r, K)
     dense rows (a gated LoRA's A) are quantized the same way and appended as output rows r: one
     kernel call gives x Wᵀ and x Aᵀ (the W columns are bit-identical to W's alone: tests)."""
@@ -159,10 +169,10 @@ def _pack(spec: tuple, bias: torch.Tensor | None, source: str, extra: torch.Tens
         if bias is not None:
             bias = torch.cat([bias, bias.new_zeros(extra.shape[0])])
     if kind == "int4":
-        q = int4_from_codes(spec[1], spec[2], spec[3], bias, source)
-    elif uses_idlm_kernel():
-        packed, params = native.ops().int8_pack(spec[1], spec[2].float())
-        q = QuantLinear("int8", spec[1].shape[0], spec[1].shape[1], packed, params, bias, source, fmt="idlm")
+        q = int4_from_codes(spec[1], spec[2], spec[3], bias, source, act)
+    elif act == "int8" or uses_idlm_kernel():
+        packed, params = native.ops().int8_pack(spec[1], spec[2].float(), act == "int8")
+        q = QuantLinear("int8", spec[1].shape[0], spec[1].shape[1], packed, params, bias, source, fmt="idlm", act=act)
     else:
         q = QuantLinear("int8", spec[1].shape[0], spec[1].shape[1], spec[1].contiguous(), spec[2].to(COMPUTE_DTYPE),
                         bias, source)
@@ -258,8 +268,10 @@ class QuantReport:
 _INT8_K_ALIGN = 16  # measured: _weight_int8pack_mm returns garbage (or crashes) for other input dims
 
 
-def quantizable(kind: str, n: int, k: int) -> str | None:
+def quantizable(kind: str, n: int, k: int, act: str = "bf16") -> str | None:
     """None when a (n, k) weight fits ``kind``'s kernel, else why not."""
+    if act == "int8" and k % GROUP:
+        return f"input dim {k} is not a multiple of {GROUP} (int8 activations are quantized in groups of {GROUP})"
     if kind == "int4" and k % GROUP:
         return f"input dim {k} is not a multiple of the int4 group {GROUP}"
     if kind == "int8" and k % _INT8_K_ALIGN:
@@ -346,17 +358,20 @@ def _dense_spec(w: torch.Tensor, kind: str) -> tuple:
 
 
 def _layer_from(parts, w: torch.Tensor, kind: str, bias: torch.Tensor | None = None,
-                extra: torch.Tensor | None = None) -> QuantLinear:
+                extra: torch.Tensor | None = None, act: str = "bf16") -> QuantLinear:
     """The quantized layer of weight ``w`` (N, K): from its GGUF tensors ``parts`` when they are this
     weight's (same shape), else from ``w`` itself. ``extra``: rows appended as in ``_pack``."""
     got = _spec_from_parts(parts, w.shape[1], kind) if parts else None
     if got is not None and tuple(got[0][1].shape) != tuple(w.shape):  # not this model's tensor
         got = None
     spec, source = got if got is not None else (_dense_spec(w.detach(), kind), "dense")
-    return _pack(spec, bias, source, extra)
+    return _pack(spec, bias, source, extra, act)
 
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
+# --quant mode -> (weight kind, activations): w4a8 / w8a8 quantize activations to int8 per row and group of 32
+WEIGHTS_AND_ACTS = {"int4": ("int4", "bf16"), "int8": ("int8", "bf16"), "w4a8": ("int4", "int8"),
+                    "w8a8": ("int8", "int8")}
 
 
 def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | None = None) -> QuantReport:
@@ -371,35 +386,41 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
     report = QuantReport(mode)
     if mode == "none":
         return report
+    kind, act = WEIGHTS_AND_ACTS[mode]
+    if act == "int8" and not uses_idlm_kernel("int8"):
+        raise ValueError(f"--quant {mode} (int8 activations) needs idlm's native kernels and a CPU with AVX-512 VNNI "
+                         f"and BF16 ({native.why() or 'not available on this CPU'})")
     src = _GGUFSource(gguf_path) if gguf_path else None
     cfg = model.cfg
     for i, layer in enumerate(model.layers):
         for name in PROJECTIONS:
             proj = getattr(layer, name)
             n, k = proj.out_features, proj.in_features
-            why = quantizable(mode, n, k)
+            why = quantizable(kind, n, k, act)
             if why is not None:
                 report.dense.append(f"layers.{i}.{name}: {why}")
                 continue
             bias = None if proj.bias is None else proj.bias.detach()
             parts = src.parts(i, name, cfg) if src is not None else None
             lora_a = getattr(proj, "lora_A", None)  # R-ISD: A rides in the same kernel call
-            q = _layer_from(parts, proj.weight, mode, bias, None if lora_a is None else lora_a.detach())
+            q = _layer_from(parts, proj.weight, kind, bias, None if lora_a is None else lora_a.detach(), act)
             set_quant(proj, q)
-            if lora_a is not None and quantizable("int8", n, proj.rank) is None:  # and scale · B in the int8
-                # kernel: half the time of a small bf16 matmul here
-                proj.lora_b_quant = int8_from_dense(proj.lora_B.detach().float() * proj.scale, source="lora B")
+            if lora_a is not None:  # and scale · B in the int8 kernel: half the time of a small bf16 matmul here
+                b_act = act if quantizable("int8", n, proj.rank, act) is None else "bf16"
+                if quantizable("int8", n, proj.rank, b_act) is None:
+                    proj.lora_b_quant = int8_from_dense(proj.lora_B.detach().float() * proj.scale, source="lora B",
+                                                        act=b_act)
             report.add(q.source)
             report.lora_fused += lora_a is not None
-    head_kind = head or ("int8" if mode == "int4" else mode)
+    head_kind = head or "int8"
     w = model.head_weight().detach()
-    why = quantizable(head_kind, *w.shape)
+    why = quantizable(head_kind, *w.shape, act)
     if why is not None:
         report.dense.append(f"head: {why}")
     else:
         name = "output.weight" if src is not None and "output.weight" in src.tensors else "token_embd.weight"
         t = src.tensors.get(name) if src is not None else None
-        hq = _layer_from(None if t is None else [(t.tensor_type.name, t.data, None)], w, head_kind)
+        hq = _layer_from(None if t is None else [(t.tensor_type.name, t.data, None)], w, head_kind, act=act)
         hq.source = f"head: {hq.source}"
         model.head_quant = hq
         report.add(hq.source)
@@ -408,16 +429,19 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
 
 
 def auto_quant(gguf_path: str | None, device: str = "cpu") -> str:
-    """``--quant auto``: int4 on the CPU when the weights come from a GGUF whose projections are all Q4_0 /
-    Q4_1 / Q4_K (their codes go into the kernel as they are, so nothing is lost beyond the file's own
-    quantization), else none (dense weights are not quantized unless asked)."""
+    """``--quant auto``: for a GGUF whose projections are all Q4_0 / Q4_1 / Q4_K on the CPU (their codes go
+    into the kernel as they are, so nothing is lost beyond the file's own quantization): w4a8 where idlm's
+    VNNI kernel runs (the fastest: activations in int8 per group of 32, as llama.cpp runs such files), else
+    int4; otherwise none (dense weights are not quantized unless asked)."""
     if device != "cpu" or gguf_path is None:
         return "none"
     from gguf import GGUFReader
 
     types = {t.tensor_type.name for t in GGUFReader(gguf_path).tensors
              if t.name.startswith("blk.") and any(f".{p}." in t.name for parts in _GGUF_PARTS.values() for p in parts)}
-    return "int4" if types and types <= set(_Q4) else "none"
+    if not types or not types <= set(_Q4):
+        return "none"
+    return "w4a8" if uses_idlm_kernel("int8") else "int4"
 
 
 def set_quant(proj, q: QuantLinear) -> None:

@@ -26,8 +26,9 @@ LENGTHS = [5, 130, 300, 700, 17, 64]
 
 
 @pytest.mark.parametrize(("dtype", "quant"), [(torch.float32, "none"), (torch.bfloat16, "none"),
-                                              (torch.bfloat16, "int4"), (torch.bfloat16, "int8")],
-                         ids=["fp32", "bf16", "bf16-int4", "bf16-int8"])
+                                              (torch.bfloat16, "int4"), (torch.bfloat16, "int8"),
+                                              (torch.bfloat16, "w4a8")],
+                         ids=["fp32", "bf16", "bf16-int4", "bf16-int8", "bf16-w4a8"])
 def test_every_batched_window_equals_the_window_alone(dtype: torch.dtype, quant: str) -> None:
     model = _shaped_like_smollm2(dtype)
     add_lora(model, rank=8, alpha=16.0)
@@ -37,6 +38,11 @@ def test_every_batched_window_equals_the_window_alone(dtype: torch.dtype, quant:
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g).to(dtype) * 0.05)
     model.requires_grad_(False)
+    if quant == "w4a8":
+        from idlm.model.quant import uses_idlm_kernel
+
+        if not uses_idlm_kernel("int8"):
+            pytest.skip("int8 activations need AVX-512 VNNI")
     if quant != "none":  # the weight-only kernels under the dense gated LoRA
         assert quantize_model(model, quant).dense == []
     with torch.inference_mode():

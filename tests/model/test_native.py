@@ -215,33 +215,51 @@ def test_the_kernel_rejects_what_it_cannot_take() -> None:
         ops.wmm(torch.zeros(2, 32, dtype=torch.bfloat16), packed, params, 4, 16)
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8"])
+def _int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activation quantization: per row and group of 32, xq = round(x * 127 / max|x|) (fp32, ties
+    to even), dx = max|x| / 127. Returns xq (M, K) and dx (M, K/32)."""
+    m, k = x.shape
+    xg = x.float().reshape(m, k // 32, 32)
+    amax = xg.abs().amax(-1)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    return torch.round(xg * inv[..., None]).reshape(m, k), amax / torch.tensor(127.0)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8", "w4a8", "w8a8"])
 def test_the_kernel_equals_its_reference_with_bias_and_odd_sizes(kind: str) -> None:
     """idlm's kernel (``wmm.cpp``): N not a multiple of 16, a bias, row counts 1..40; each output within bf16
     rounding of the fp32 product, and every row the same bits whatever the row count."""
     ops = native.ops()
-    if not ops.wmm_available():
-        pytest.skip("no AVX-512 BF16 kernel on this CPU")
+    a8 = kind.endswith("a8")
+    if not (ops.vnni_available() if a8 else ops.wmm_available()):
+        pytest.skip("no AVX-512 VNNI / BF16 kernel on this CPU")
     g = torch.Generator().manual_seed(1)
     n, k = 37, 96
     x = torch.randn(40, k, generator=g).to(torch.bfloat16)
+    x[3, :32] = 0  # an all-zero activation group
     bias = torch.randn(n, generator=g)
-    if kind == "int4":
+    if kind in ("int4", "w4a8"):
         q = torch.randint(0, 16, (n, k), generator=g)
         s, m = torch.rand(n, k // 32, generator=g) * 0.1, torch.randn(n, k // 32, generator=g) * 0.1
-        packed, params = ops.int4_pack(q, s, m)
+        packed, params = ops.int4_pack(q, s, m, a8)
         w = q.float() * s.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)
+        code = 14 if a8 else 4
     else:
         q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
         s = torch.rand(n, generator=g) * 0.01
-        packed, params = ops.int8_pack(q, s)
+        packed, params = ops.int8_pack(q, s, a8)
         w = q.float() * s[:, None]
-    y = ops.wmm(x, packed, params, 4 if kind == "int4" else 8, n, bias)
-    ref = x.float() @ w.T + bias
+        code = 18 if a8 else 8
+    y = ops.wmm(x, packed, params, code, n, bias)
+    if a8:  # the reference sees the same quantized activations: only fp32 and the output's bf16 rounding differ
+        xq, dx = _int8_activations(x)
+        ref = (xq.double() * dx.double().repeat_interleave(32, 1)) @ w.double().T + bias.double()
+    else:
+        ref = x.double() @ w.double().T + bias.double()
     assert y.shape == (40, n) and y.dtype == torch.bfloat16
-    assert ((y.float() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-3 * ref.abs().max()).all()
+    assert ((y.double() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-4 * ref.abs().max()).all()
     for m_rows in range(1, 40):
-        assert torch.equal(ops.wmm(x[:m_rows], packed, params, 4 if kind == "int4" else 8, n, bias), y[:m_rows])
+        assert torch.equal(ops.wmm(x[:m_rows], packed, params, code, n, bias), y[:m_rows])
 
 
 def test_the_plan_follows_adapter_and_quantization_changes() -> None:

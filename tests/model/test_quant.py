@@ -208,13 +208,20 @@ def _dequantized(lin: QuantLinear, k: int) -> torch.Tensor:
         lin.qbias = bias
 
 
+def _modes() -> list[str]:
+    """Every --quant mode this machine runs: int8 activations need idlm's VNNI kernel."""
+    from idlm.model.quant import uses_idlm_kernel
+
+    return ["int4", "int8"] + (["w4a8", "w8a8"] if uses_idlm_kernel("int8") else [])
+
+
 def _quantized(model, mode: str):
     report = quantize_model(model, mode)
     assert report.dense == [] and sum(report.packed.values()) == 4 * len(model.layers) + 1
     return model
 
 
-@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("mode", _modes())
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("n", [2, 3, 5])
 @torch.inference_mode()
@@ -228,7 +235,7 @@ def test_greedy_isd_equals_greedy_ar_quantized_tiny(mode: str, family: str, n: i
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("mode", _modes())
 @torch.inference_mode()
 def test_quantized_window_rows_equal_one_token_steps_bit_for_bit(mode: str, dtype: torch.dtype) -> None:
     """As tests/model/test_window_exact.py for bf16: on layers shaped like the default model's, every
@@ -250,7 +257,7 @@ def test_quantized_window_rows_equal_one_token_steps_bit_for_bit(mode: str, dtyp
         assert torch.equal(steps.v[..., :prefix + t, :], win.v[..., :prefix + t, :])
 
 
-@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("mode", _modes())
 @torch.inference_mode()
 def test_risd_adapter_over_a_quantized_base_keeps_the_quantized_base_greedy_output(mode: str) -> None:
     """The gated LoRA stays dense on top of the quantized base: ISD with the adapter drafting equals
@@ -296,12 +303,13 @@ def test_a_layer_the_int4_kernel_cannot_take_stays_dense_and_is_reported() -> No
     assert (after - before).abs().max() < 0.1 * before.abs().max()
 
 
-def test_auto_quant_is_int4_for_a_q4_gguf_on_the_cpu_and_none_otherwise(tmp_path) -> None:
+def test_auto_quant_is_w4a8_or_int4_for_a_q4_gguf_on_the_cpu_and_none_otherwise(tmp_path) -> None:
     from gguf import GGMLQuantizationType, GGUFWriter
 
-    from idlm.model.quant import auto_quant
+    from idlm.model.quant import auto_quant, uses_idlm_kernel
 
-    assert auto_quant(str(default_gguf_path())) == "int4"  # Q4_1 projections: packed as they are
+    # Q4_1 projections: packed as they are; int8 activations where idlm's VNNI kernel runs
+    assert auto_quant(str(default_gguf_path())) == ("w4a8" if uses_idlm_kernel("int8") else "int4")
     assert auto_quant(str(default_gguf_path()), device="cuda") == "none"
     assert auto_quant(None) == "none"  # safetensors weights are quantized only when asked
     w = GGUFWriter(str(tmp_path / "q8.gguf"), "llama")  # a Q8_0 file: int4 would lose precision, so none
@@ -314,6 +322,16 @@ def test_auto_quant_is_int4_for_a_q4_gguf_on_the_cpu_and_none_otherwise(tmp_path
     w.write_tensors_to_file()
     w.close()
     assert auto_quant(str(tmp_path / "q8.gguf")) == "none"
+
+
+def test_int8_activations_without_the_kernel_are_a_clear_load_error(monkeypatch) -> None:
+    from idlm.model import quant
+
+    monkeypatch.setattr(quant, "uses_idlm_kernel", lambda act="bf16": act != "int8")
+    with pytest.raises(ValueError, match="needs idlm's native kernels and a CPU with AVX-512 VNNI"):
+        quantize_model(tiny_model().to(torch.bfloat16), "w4a8")
+    with pytest.raises(ModelLoadError, match="AVX-512 VNNI"):
+        load_model("base", dtype=torch.bfloat16, quant="w8a8")
 
 
 @torch.inference_mode()
@@ -338,7 +356,7 @@ def test_unknown_quant_mode_is_a_clear_error() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("mode", _modes())
 def test_quantized_default_model_isd_equals_ar_128_tokens(mode: str) -> None:
     from idlm.eval.prompts import BUILTIN_PROMPTS, encode
 

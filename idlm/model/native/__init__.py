@@ -206,7 +206,7 @@ def _adapters(projs: list) -> list[torch.Tensor]:
 
 # ---- weights -> the plan's tensor list and meta ----------------------------------------------------
 
-_DENSE, _INT4, _INT8, _WMM4, _WMM8 = 0, 1, 2, 4, 8  # Kind in forward.cpp
+_DENSE, _INT4, _INT8 = 0, 1, 2  # Kind in forward.cpp (idlm's kernels: QuantLinear.code, 4 / 8 / 14 / 18)
 _NONE = torch.empty(0)
 
 
@@ -214,7 +214,7 @@ def _lin(q=None, w: torch.Tensor | None = None, bias: torch.Tensor | None = None
     """One linear: ([w, scales, bias], [kind, cols]) from a QuantLinear ``q`` or a dense bf16 ``w``."""
     if q is not None:
         if q.fmt == "idlm":
-            kind = _WMM4 if q.kind == "int4" else _WMM8
+            kind = q.code
         else:
             kind = _INT4 if q.kind == "int4" else _INT8
         b = q.qbias if q.qbias is not None else _NONE

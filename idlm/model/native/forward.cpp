@@ -29,8 +29,10 @@
 #include <immintrin.h>
 #endif
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -126,7 +128,7 @@ inline uint16_t* bfm(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_
 // ---- linear layers --------------------------------------------------------------------------------
 
 // DENSE: at::linear; INT4 / INT8: PyTorch's weight-only kernels; WMM4 / WMM8: idlm's (wmm.cpp)
-enum Kind : int64_t { DENSE = 0, INT4 = 1, INT8 = 2, WMM4 = 4, WMM8 = 8 };
+enum Kind : int64_t { DENSE = 0, INT4 = 1, INT8 = 2, WMM4 = 4, WMM8 = 8, WMM4A8 = 14, WMM8A8 = 18 };
 
 struct Lin {
   int64_t kind = -1;  // -1: absent
@@ -137,7 +139,7 @@ struct Lin {
   // x (M, K) bf16 contiguous -> (M, >= cols) bf16; the first `cols` columns are the result
   // only the first `upto` columns are needed (idlm's kernels then skip the others; -1: all)
   at::Tensor operator()(const at::Tensor& x, int64_t upto = -1) const {
-    if (kind == WMM4 || kind == WMM8) {
+    if (kind == WMM4 || kind == WMM8 || kind == WMM4A8 || kind == WMM8A8) {
       const int64_t n = upto < 0 ? cols : std::min(upto, cols);
       return idlm::wmm(x, w, scales, kind, n, bias.defined() && n != cols ? bias.narrow(0, 0, n) : bias);
     }
@@ -207,6 +209,26 @@ struct Plan {
   float eps;
   std::vector<LayerW> ws;
   at::Tensor norm;
+};
+
+// Stage timings (IDLM_NATIVE_PROFILE=1): wall seconds per stage, summed over layers and calls; read and
+// reset by the profile() op. Off by default (no clock reads).
+enum Stage { S_NORM, S_QKV, S_ROPE, S_ATTN, S_O, S_GATE_UP, S_ACT, S_DOWN, S_OTHER, S_COUNT };
+const char* const kStageNames = "norm,qkv,rope,attn,o,gate_up,act,down,other";
+double g_stage[S_COUNT] = {0};
+const bool g_profile = [] {
+  const char* e = std::getenv("IDLM_NATIVE_PROFILE");
+  return e != nullptr && e[0] == '1';
+}();
+
+struct StageClock {
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  void lap(Stage s) {
+    if (!g_profile) return;
+    auto now = std::chrono::steady_clock::now();
+    g_stage[s] += std::chrono::duration<double>(now - t).count();
+    t = now;
+  }
 };
 
 std::mutex g_mu;
@@ -337,6 +359,10 @@ struct AttnScratch {
   std::vector<int32_t> qpairs;  // the queries as bf16 pairs
   std::vector<__m512i> tile;    // (D / 2) x 16 keys, transposed bf16 pairs
   std::vector<__m512> acc;
+  std::vector<const int32_t*> qs;
+  std::vector<float*> so, at;
+  std::vector<const float*> sp;
+  std::vector<float> inv;
 };
 
 // scores of up to 16 keys (slots `ks`, n <= 16) against queries `qs` (count nq, each D/2 bf16 pairs),
@@ -425,9 +451,14 @@ void attend_group(int64_t t0, int64_t t1, int64_t hh, const float* qf, int64_t H
   const int64_t R = t1 - t0, NQ = R * G, P = D / 2, C = D / 16;
   // queries (row-major: row r, head g) as bf16 pairs; score buffers
   sc.qpairs.resize(static_cast<size_t>(NQ * P));
-  std::vector<const int32_t*> qs(NQ);
-  std::vector<float*> so(NQ);
-  std::vector<const float*> sp(NQ);
+  sc.qs.resize(NQ);
+  sc.so.resize(NQ);
+  sc.sp.resize(NQ);
+  sc.at.resize(NQ);
+  sc.inv.resize(NQ);
+  std::vector<const int32_t*>& qs = sc.qs;
+  std::vector<float*>& so = sc.so;
+  std::vector<const float*>& sp = sc.sp;
   int64_t total = 0;
   for (int64_t r = 0; r < R; ++r) total += G * (koff[t0 + r + 1] - koff[t0 + r]);
   sc.scores.resize(static_cast<size_t>(total + 16));
@@ -448,7 +479,7 @@ void attend_group(int64_t t0, int64_t t1, int64_t hh, const float* qf, int64_t H
   }
   // the common prefix: tiles shared by every query of the sequence
   const int64_t* k0 = keys + koff[t0];
-  std::vector<float*> at(NQ);
+  std::vector<float*>& at = sc.at;
   for (int64_t j = 0; j < common; j += 16) {
     for (int64_t qi = 0; qi < NQ; ++qi) at[qi] = so[qi] + j;
     score_tile(k0 + j, std::min<int64_t>(16, common - j), kbase, s_stride, D, qs.data(), NQ, at.data(), sc);
@@ -462,7 +493,7 @@ void attend_group(int64_t t0, int64_t t1, int64_t hh, const float* qf, int64_t H
       score_tile(kr + j, std::min<int64_t>(16, n - j), kbase, s_stride, D, qs.data() + r * G, G, at.data() + r * G, sc);
     }
   }
-  std::vector<float> inv(NQ);
+  std::vector<float>& inv = sc.inv;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = koff[t0 + r + 1] - koff[t0 + r];
     for (int64_t g = 0; g < G; ++g) inv[r * G + g] = softmax_row(so[r * G + g], n);
@@ -637,6 +668,8 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
   uint16_t* vpp = bfm(vpool);
   const int64_t row_grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(Hd, 1));
 
+  StageClock clk;
+  clk.lap(S_OTHER);
   for (int64_t li = 0; li < P.layers; ++li) {
     const LayerW& lw = P.ws[li];
     const uint16_t* w1 = bf(lw.ln1);
@@ -644,7 +677,9 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
     at::parallel_for(0, T, row_grain, [&](int64_t a, int64_t b) {
       for (int64_t t = a; t < b; ++t) rmsnorm_row(xp + t * Hd, w1, hp + t * Hd, Hd, P.eps);
     });
+    clk.lap(S_NORM);
     at::Tensor qkv = lw.qkv(h, gated);  // (T, >= (H + 2 Hkv) D)
+    clk.lap(S_QKV);
     const uint16_t* qp = bf(qkv);
     const int64_t qs = qkv.size(1);
     float* qfp = qf.data_ptr<float>();
@@ -687,6 +722,7 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
             std::memcpy(vl + hh * sH + wslot[t] * sS, qp + t * qs + (H + Hkv + hh) * D, D * sizeof(uint16_t));
       }
     });
+    clk.lap(S_ROPE);
     uint16_t* ap = bfm(attn);
 #if IDLM_ATTN
     // attention: one work item per (rows of a sequence, kv head); padding rows stay zero
@@ -712,7 +748,9 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
       }
     });
 #endif
+    clk.lap(S_ATTN);
     at::Tensor o = lw.o(attn, gated);  // (T, >= hidden)
+    clk.lap(S_O);
     const uint16_t* op = bf(o);
     const int64_t ols = o.size(1);
     const uint16_t* w2 = bf(lw.ln2);
@@ -723,7 +761,9 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
         rmsnorm_row(xr, w2, hp + t * Hd, Hd, P.eps);
       }
     });
+    clk.lap(S_NORM);
     at::Tensor gu = lw.gate_up(h, gated);  // (T, >= 2 I)
+    clk.lap(S_GATE_UP);
     const int64_t I = P.inter, gls = gu.size(1);
     at::Tensor act = at::empty({T, I}, x.options());
     const uint16_t* gp = bf(gu);
@@ -739,7 +779,9 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
         }
       }
     });
+    clk.lap(S_ACT);
     at::Tensor dn = lw.down(act, gated);  // (T, >= hidden)
+    clk.lap(S_DOWN);
     const uint16_t* dp = bf(dn);
     const int64_t dls = dn.size(1);
     at::parallel_for(0, T, row_grain, [&](int64_t a, int64_t b) {
@@ -749,6 +791,7 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
       }
     });
   }
+  clk.lap(S_NORM);
   at::Tensor out = at::empty({T, Hd}, x.options());
   const uint16_t* nw = bf(P.norm);
   uint16_t* outp = bfm(out);
@@ -760,7 +803,16 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
 
 }  // namespace
 
+std::vector<double> profile_op() {
+  std::vector<double> v(g_stage, g_stage + S_COUNT);
+  std::fill(g_stage, g_stage + S_COUNT, 0.0);
+  return v;
+}
+
+std::string profile_names_op() { return kStageNames; }
+
 bool wmm_available_op() { return idlm::wmm_available(); }
+bool vnni_available_op() { return idlm::vnni_available(); }
 
 at::Tensor wmm_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& params, int64_t kind, int64_t n,
                   const c10::optional<at::Tensor>& bias) {
@@ -768,19 +820,22 @@ at::Tensor wmm_op(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor> int4_pack_op(const at::Tensor& codes, const at::Tensor& scale,
-                                                const at::Tensor& minimum) {
-  return idlm::int4_pack(codes, scale, minimum);
+                                                const at::Tensor& minimum, bool a8) {
+  return idlm::int4_pack(codes, scale, minimum, a8);
 }
 
-std::tuple<at::Tensor, at::Tensor> int8_pack_op(const at::Tensor& codes, const at::Tensor& scale) {
-  return idlm::int8_pack(codes, scale);
+std::tuple<at::Tensor, at::Tensor> int8_pack_op(const at::Tensor& codes, const at::Tensor& scale, bool a8) {
+  return idlm::int8_pack(codes, scale, a8);
 }
 
 TORCH_LIBRARY(idlm_native, m) {
+  m.def("profile() -> float[]", profile_op);
+  m.def("profile_names() -> str", profile_names_op);
   m.def("wmm_available() -> bool", wmm_available_op);
+  m.def("vnni_available() -> bool", vnni_available_op);
   m.def("wmm(Tensor x, Tensor packed, Tensor params, int kind, int n, Tensor? bias=None) -> Tensor", wmm_op);
-  m.def("int4_pack(Tensor codes, Tensor scale, Tensor minimum) -> (Tensor, Tensor)", int4_pack_op);
-  m.def("int8_pack(Tensor codes, Tensor scale) -> (Tensor, Tensor)", int8_pack_op);
+  m.def("int4_pack(Tensor codes, Tensor scale, Tensor minimum, bool a8=False) -> (Tensor, Tensor)", int4_pack_op);
+  m.def("int8_pack(Tensor codes, Tensor scale, bool a8=False) -> (Tensor, Tensor)", int8_pack_op);
   m.def("plan_create(Tensor[] tensors, int[] meta, float eps) -> int", plan_create);
   m.def("plan_release(int plan) -> ()", plan_release);
   m.def("forward(int plan, Tensor x, Tensor cos, Tensor sin, Tensor gated, Tensor kpool, Tensor vpool, "
