@@ -305,11 +305,9 @@ class Decoder(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                attn_mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-               key_valid: torch.Tensor | None = None, window_mask: torch.Tensor | None = None) -> torch.Tensor:
+               window_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, hidden). ids/positions: (B, T) or (T,).
         ``gate`` (B, T) or (T,) in {0, 1} switches gated LoRA adapters on per token.
-        ``key_valid`` (B, cache.length + T) bool marks real (non-padding) cache slots for batched
-        decoding of left-padded prompts; a padding slot attends only to itself.
         ``window_mask`` (T, T) bool (with a cache): which of this forward's own slots each new token
         sees (default causal); every new token sees the whole cached prefix. ISD uses it for
         fallback drafts, whose slots must not see the drafts they replace."""
@@ -317,12 +315,12 @@ class Decoder(nn.Module):
             input_ids, positions = input_ids[None], positions[None]
             gate = gate[None] if gate is not None else None
         b, t = input_ids.shape
-        if cache is not None and b == 1 and attn_mask is None and key_valid is None:
+        if cache is not None and b == 1 and attn_mask is None:
             plan = self.native_plan()
             if plan is not None and (gate is None or _binary(gate)):
                 return self._hidden_native_cache(plan, input_ids[0], positions[0], cache,
                                                  None if gate is None else gate[0], window_mask)[None]
-        attn = self._attn_args(b, t, cache, attn_mask, key_valid, window_mask)
+        attn = self._attn_args(b, t, cache, attn_mask, window_mask)
         x = self._run_layers(input_ids, positions, gate, attn)
         if cache is not None:
             cache.length = attn.start + t
@@ -407,7 +405,7 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def _attn_args(self, b: int, t: int, cache: KVCache | None, attn_mask: torch.Tensor | None,
-                   key_valid: torch.Tensor | None = None, window_mask: torch.Tensor | None = None) -> _Attn:
+                   window_mask: torch.Tensor | None = None) -> _Attn:
         if cache is None:
             if attn_mask is not None:
                 mask = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask  # (B, 1, T, T)
@@ -423,14 +421,7 @@ class Decoder(nn.Module):
         s_len = padded_keys(start + t)
         cache.reserve(s_len - start)  # padded keys are read (and masked), so they must exist
         own = torch.ones(t, t, dtype=torch.bool, device=dev).tril() if window_mask is None else window_mask.to(dev)
-        if key_valid is None:
-            bias = prefix_window_bias(torch.full((b,), start, device=dev), own.expand(b, t, t), s_len)
-        else:  # real keys only, and every slot sees itself
-            vis = torch.zeros(b, t, s_len, dtype=torch.bool, device=dev)
-            vis[:, :, :start] = key_valid[:, None, :start]
-            vis[:, :, start:start + t] = own & key_valid[:, None, start:start + t]
-            vis[:, :, start:start + t] |= torch.eye(t, dtype=torch.bool, device=dev)
-            bias = torch.zeros(vis.shape, device=dev).masked_fill_(~vis, float("-inf"))
+        bias = prefix_window_bias(torch.full((b,), start, device=dev), own.expand(b, t, t), s_len)
         return _Attn(cache, start, None, False, bias=bias)
 
     def head_weight(self) -> torch.Tensor:

@@ -132,7 +132,7 @@ class DataGenConfig:
     max_new_tokens: int = 256  # generation length cap per response
     temperature: float = 0.0  # 0 = greedy (the decoding the ISD target reproduces); > 0 samples
     limit: int = 0  # use at most this many prompts (0 = all)
-    batch_size: int = 8  # prompts per generate() call (left-padded)
+    batch_size: int = 8  # requests the engine keeps in flight
     seed: int = 0  # sampling seed and prompt-shuffle seed
     shuffle: bool = True  # shuffle the prompt list (seeded) before applying --limit
     device: str = "auto"  # cpu | cuda | auto
