@@ -27,7 +27,11 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(n) for n in ("forward.cpp", "wmm.cpp", "wmm.h")]
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-std=c++17"]
+def _flags() -> list[str]:
+    """Compiler flags. ``IDLM_NATIVE_MARCH`` (default native) sets -march, e.g. x86-64-v3 to build and test the
+    paths for CPUs without AVX-512 on one that has it."""
+    march = os.environ.get("IDLM_NATIVE_MARCH", "native").strip() or "native"
+    return ["-O3", f"-march={march}", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-std=c++17"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "why": str
@@ -62,11 +66,12 @@ def load() -> bool:
             from ..loading import cache_dir
 
             src = b"".join(p.read_bytes() for p in SOURCES)
-            tag = hashlib.sha256(src + torch.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:10]
+            flags = _flags()
+            tag = hashlib.sha256(src + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:10]
             name = f"idlm_native_{tag}_{_cpu_tag()}"
             build = cache_dir() / "native" / name
             build.mkdir(parents=True, exist_ok=True)
-            cpp_load(name, [str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+            cpp_load(name, [str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                      build_directory=str(build), is_python_module=False, verbose=False)
             _state.update(ok=True, why="", name=name)
             _prune(build.parent, name)
