@@ -94,6 +94,8 @@ class DecodeConfig:
     # cold step; auto = the engine decides each step from the load (batch-1 decoders: on). Never changes the output.
     sampling_mode: str = "exact"  # --sampling-mode: exact | coupled (both distribution-preserving) | reference
     mask_token_id: int | None = None  # MASK input id; None = the model's own
+    tree: int = 0  # --tree K: draft trees, at most K extra branches per window (N-1 rows each) that start with the
+    # drafter's second choice where it is unsure; 0 = off. Never changes the output.
 
     def __post_init__(self) -> None:
         if self.mode not in ("isd", "ar"):
@@ -103,6 +105,8 @@ class DecodeConfig:
                               f"got {self.stride!r}", "stride")
         if self.fallback not in (True, False, AUTO):
             raise ConfigError(f"--fallback must be on, off or auto, got {self.fallback!r}", "fallback")
+        if not _is_int(self.tree) or not 0 <= self.tree <= MAX_STRIDE - 1:
+            raise ConfigError(f"--tree must be an integer in 0..{MAX_STRIDE - 1}, got {self.tree!r}", "tree")
         if self.sampling_mode not in SAMPLING_MODES:
             raise ConfigError(f"--sampling-mode must be one of {SAMPLING_MODES}, got {self.sampling_mode!r}",
                               "sampling_mode")
@@ -136,8 +140,9 @@ class DecodeConfig:
     @property
     def window(self) -> int:
         """The largest window: pending + N-1 specs + N-1 MASKs (2N - 1), plus N-1 fallback MASKs for
-        each of the N-1 specs that could be rejected when ``fallback`` is on."""
-        return 2 * self.max_stride - 1 + (self.n_drafts ** 2 if self.may_fallback else 0)
+        each of the N-1 specs that could be rejected when ``fallback`` is on, plus N-1 slots per tree branch."""
+        return 2 * self.max_stride - 1 + (self.n_drafts ** 2 if self.may_fallback else 0) \
+            + min(self.tree, self.n_drafts) * self.n_drafts
 
 
 @dataclass
@@ -150,6 +155,7 @@ class ServerConfig:
     port: int = 8000  # TCP port
     stride: int | str = "auto"  # ISD stride N in 2..8, or auto (the engine picks N each step from the load)
     mode: str = "isd"  # default decoder for requests that do not say: isd or ar
+    tree: int = 0  # ISD draft trees: at most K extra branches per window from the drafter's second choices (0 = off)
     dtype: str = "bf16"  # fp32 or bf16
     quant: str = QUANT_DEFAULT  # weight-only quantization: auto, none, int8 or int4 (CPU kernels; see README)
     api_key: str | None = None  # require 'Authorization: Bearer KEY' on /v1/*, /metrics and the tokenizer routes
@@ -166,7 +172,7 @@ class ServerConfig:
     threads: int | None = None  # torch CPU threads (default: all cores)
 
     def __post_init__(self) -> None:
-        DecodeConfig(mode=self.mode, stride=self.stride)  # the server's default decoding: same rules, same errors
+        DecodeConfig(mode=self.mode, stride=self.stride, tree=self.tree)  # the server's default decoding: same rules
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}", "port")
         for name in ("max_running", "max_batched_tokens", "max_body_bytes"):

@@ -22,6 +22,16 @@ MASK at the clean token's position does in every step), so the next step verifie
 starting cold. Branch slots come last in the window, so no clean slot sees them and the verified
 text, and hence the output, is unchanged; their K/V is cropped with the rest of the window.
 
+Draft trees (``DecodeConfig.tree`` = K > 0; our addition): where the drafter is unsure, a window also
+carries its second choice alts[j] for spec j, followed by its own chain, as one more branch at the
+positions of specs[j], specs[j]+1, ... that sees what fallback branch j sees: [alts[j], MASK * (N-2)].
+alts[j] is a clean slot (adapter gate off), so if specs[j] is rejected and the correction is alts[j],
+its logits are the base model's exact distribution of the token after the correction, and the MASKs
+draft the ones after that: the next step's specs are [that token, drafts], the first sure to pass.
+A window holds at most K such branches, at the spec positions whose P(reached and the correction is
+the alternative) = prod_{i<j} q_i(specs[i]) * q_j(alts[j]) is largest (at least TREE_MIN_VALUE).
+Like fallback branches, tree slots come last and are never kept, so output is unchanged.
+
 Prefill is the same forward AR runs; its last slot gives the first token, and the first step is a
 cold step. (Appending N-1 MASKs to the prefill would save that forward, but a longer prefill rounds
 differently in the attention kernel, which breaks bit-exact equality with AR; see README, Numerics.)
@@ -46,6 +56,8 @@ from ..model.decoder import Decoder, KVCache
 from .sampling import KeyedNoise, draw, keyed_argmax, make_generator, pick, target_probs
 from .verify import Verdict, verify_greedy, verify_keyed, verify_sampled
 
+TREE_MIN_VALUE = 0.05  # a tree branch is added only where it is used with at least this estimated probability
+
 
 @dataclass
 class ISDState:
@@ -54,12 +66,23 @@ class ISDState:
     pending: int  # emitted token whose KV is not in the cache yet
     specs: list[int] = field(default_factory=list)  # drafts proposed by the previous forward
     spec_q: torch.Tensor | None = None  # (len(specs), V) draft distributions q (exact/reference sampling)
+    alts: list[int] = field(default_factory=list)  # draft trees: the drafter's best other token at each spec
+    alt_value: list[float] = field(default_factory=list)  # estimated P(the step reaches j and corrects to alts[j])
 
     def truncated(self, n: int) -> ISDState:
         """The state with only its first n specs (a step at a smaller stride verifies fewer drafts)."""
         if n >= len(self.specs):
             return self
-        return ISDState(self.pending, self.specs[:n], None if self.spec_q is None else self.spec_q[:n])
+        return ISDState(self.pending, self.specs[:n], None if self.spec_q is None else self.spec_q[:n],
+                        self.alts[:n], self.alt_value[:n])
+
+    def tree_positions(self, budget: int) -> tuple[int, ...]:
+        """Spec positions that get a tree branch: at most ``budget``, the most valuable first, each
+        worth at least TREE_MIN_VALUE; in increasing order."""
+        if budget <= 0 or not self.alts:
+            return ()
+        ranked = sorted(range(len(self.alts)), key=lambda j: -self.alt_value[j])
+        return tuple(sorted(j for j in ranked[:budget] if self.alt_value[j] >= TREE_MIN_VALUE))
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,7 @@ class StepResult:
     kept: int  # window slots whose KV stays committed
     verdict: Verdict  # outcome of checking the previous drafts
     next_state: ISDState
+    branch: str = "main"  # where the next drafts come from: main chain, fallback or tree branch, or none (cold)
 
 
 @dataclass
@@ -81,40 +105,62 @@ class DecodeResult:
 class Window:
     """The input of one ISD step for one sequence, appended after its committed KV."""
 
-    ids: list[int]  # pending, specs, main MASKs, fallback-branch MASKs, padding MASKs
+    ids: list[int]  # pending, specs, main MASKs, fallback-branch MASKs, tree branches, padding MASKs
     offsets: list[int]  # position of each slot relative to the pending token
     mask: torch.Tensor | None  # (T, T) bool: which window slots each slot sees (None = causal)
     n_specs: int  # drafts being verified (slots 1..n_specs)
     n_drafts: int  # N-1: MASKs drafting the next step's specs
     used: int  # slots whose logits are read; the rest is padding
+    fallback: bool = False  # one fallback branch per spec follows the main chain
+    tree: tuple[int, ...] = ()  # spec positions with a tree branch [alts[j], MASK * (n_drafts - 1)], after those
 
     @property
     def main(self) -> int:
         """Slots of the main chain: pending + specs + MASKs."""
         return 1 + self.n_specs + self.n_drafts
 
+    @property
+    def tree_start(self) -> int:
+        """First slot of the tree branches."""
+        return self.main + (self.n_specs * self.n_drafts if self.fallback else 0)
+
     def gate(self) -> torch.Tensor:
-        """R-ISD adapter gate: 1 on every draft MASK (main chain and branches), 0 on clean slots and padding."""
+        """R-ISD adapter gate: 1 on every draft MASK (main chain and branches), 0 on clean slots (the
+        pending token, specs, a tree branch's alternative) and padding."""
         g = torch.zeros(len(self.ids))
         g[1 + self.n_specs: self.used] = 1.0
+        if self.tree:
+            g[self.tree_start: self.used: self.n_drafts] = 0.0
         return g
 
     def split(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the used slots (used, V) -> main chain (main, V), fallback (n_specs, n_drafts, V)."""
-        if self.used == self.main:
-            return logits[: self.main], None
-        return logits[: self.main], logits[self.main: self.used].view(self.n_specs, self.n_drafts, -1)
+        fb = logits[self.main: self.tree_start].view(self.n_specs, self.n_drafts, -1) if self.fallback else None
+        return logits[: self.main], fb
+
+    def tree_logits(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """(len(tree), n_drafts, V): each tree branch's logits (its alternative's slot first)."""
+        if not self.tree:
+            return None
+        return logits[self.tree_start: self.used].view(len(self.tree), self.n_drafts, -1)
 
 
-def build_window(state: ISDState, n_drafts: int, fallback: bool, mask_id: int, pad_to: int = 0) -> Window:
+def build_window(state: ISDState, n_drafts: int, fallback: bool, mask_id: int, pad_to: int = 0,
+                 tree: int = 0) -> Window:
     """The window for ``state`` at stride n_drafts + 1 (spec §3.2): at most n_drafts of its specs are
     verified (a smaller stride than the one that drafted them drops the rest), then n_drafts MASKs,
-    then with ``fallback`` one branch of n_drafts MASKs per spec; padded with causal MASKs to
-    ``pad_to`` slots if asked. n_drafts = 0 is an AR step: the window is the pending token alone."""
-    specs = state.specs[:n_drafts]
-    offsets, seen = window_layout(len(specs), n_drafts, fallback and n_drafts > 0)
+    then with ``fallback`` one branch of n_drafts MASKs per spec, then up to ``tree`` tree branches
+    (``ISDState.tree_positions``); padded with causal MASKs to ``pad_to`` slots if asked.
+    n_drafts = 0 is an AR step: the window is the pending token alone."""
+    st = state.truncated(n_drafts)
+    specs = st.specs
+    fallback = fallback and n_drafts > 0 and len(specs) > 0
+    branches = st.tree_positions(tree) if n_drafts > 0 else ()
+    offsets, seen = window_layout(len(specs), n_drafts, fallback, branches)
     used = len(offsets)
-    ids = [state.pending] + specs + [mask_id] * (used - 1 - len(specs))
+    ids = [state.pending] + specs + [mask_id] * (n_drafts + (len(specs) * n_drafts if fallback else 0))
+    for j in branches:
+        ids += [st.alts[j]] + [mask_id] * (n_drafts - 1)
     branched = used > 1 + len(specs) + n_drafts
     pad = max(0, pad_to - used)
     if pad:  # padding MASKs: causal, never read, gate off
@@ -124,26 +170,46 @@ def build_window(state: ISDState, n_drafts: int, fallback: bool, mask_id: int, p
             full = torch.ones(used + pad, used + pad, dtype=torch.bool).tril()
             full[:used, :used] = seen
             seen = full
-    return Window(ids, offsets, seen if branched else None, len(specs), n_drafts, used)
+    return Window(ids, offsets, seen if branched else None, len(specs), n_drafts, used, fallback, branches)
 
 
 def propose(draft_logits: torch.Tensor, params: SamplingParams, sampling_mode: str,
-            gen: torch.Generator | None, noise: KeyedNoise | None = None, index: int = 0
-            ) -> tuple[list[int], torch.Tensor | None]:
-    """Drafts from MASK logits (k, V) predicting output indices index..index+k-1: argmax when greedy
-    or in reference mode; keyed picks from q in coupled mode; else sampled from q. Returns (drafts,
-    q) where q is what verification will divide by (None when greedy or coupled)."""
+            gen: torch.Generator | None, noise: KeyedNoise | None = None, index: int = 0,
+            pending: int = 0, tree: bool = False) -> ISDState:
+    """The next state: ``pending`` and drafts from MASK logits (k, V) predicting output indices
+    index..index+k-1: argmax when greedy or in reference mode; keyed picks from q in coupled mode;
+    else sampled from q. spec_q is what verification will divide by (None when greedy or coupled).
+    With ``tree``, also each position's best other token and its value (``second_choices``)."""
     if len(draft_logits) == 0:
-        return [], None
+        return ISDState(pending)
+    q = None
     if params.greedy:
-        return torch.argmax(draft_logits, dim=-1).tolist(), None
-    if sampling_mode == "reference":  # point-mass proposal, q = softmax(logits / T) (spec §3.4)
+        drafts = torch.argmax(draft_logits, dim=-1).tolist()
+    elif sampling_mode == "reference":  # point-mass proposal, q = softmax(logits / T) (spec §3.4)
         q = torch.softmax(draft_logits.float() / params.temperature, dim=-1)
-        return torch.argmax(draft_logits, dim=-1).tolist(), q
-    q = target_probs(draft_logits, params)
-    if sampling_mode == "coupled":
-        return keyed_argmax(q, _noise(noise).rows(index, len(q))), None
-    return draw(q, gen).tolist(), q
+        drafts = torch.argmax(draft_logits, dim=-1).tolist()
+    else:
+        q = target_probs(draft_logits, params)
+        drafts = keyed_argmax(q, _noise(noise).rows(index, len(q))) if sampling_mode == "coupled" else draw(q, gen).tolist()
+    if not tree:
+        return ISDState(pending, drafts, None if sampling_mode == "coupled" else q)
+    probs = q if q is not None else torch.softmax(draft_logits.float(), dim=-1)
+    alts, value = second_choices(probs, drafts)
+    return ISDState(pending, drafts, None if sampling_mode == "coupled" else q, alts, value)
+
+
+def second_choices(probs: torch.Tensor, drafts: list[int]) -> tuple[list[int], list[float]]:
+    """For drafts[j] ~ probs[j]: the most probable other token at each position, and the estimated
+    probability that a step reaches position j and corrects it to that token, prod_{i<j}
+    probs[i, drafts[i]] * probs[j, alt_j] (the drafter's own belief; a tree branch's value)."""
+    rows = torch.arange(len(drafts))
+    idx = torch.tensor(drafts)
+    p_draft = probs[rows, idx]
+    other = probs.clone()
+    other[rows, idx] = -1.0
+    p_alt, alts = other.max(dim=-1)
+    reach = torch.cumprod(torch.cat([torch.ones(1), p_draft[:-1].float()]), 0)
+    return alts.tolist(), (reach * p_alt.float()).tolist()
 
 
 def check_specs(anchor_logits: torch.Tensor, state: ISDState, params: SamplingParams, sampling_mode: str,
@@ -166,25 +232,27 @@ def _noise(noise: KeyedNoise | None) -> KeyedNoise:
     return noise
 
 
-def window_layout(n_specs: int, n_drafts: int, fallback: bool) -> tuple[list[int], torch.Tensor]:
+def window_layout(n_specs: int, n_drafts: int, fallback: bool, tree: tuple[int, ...] = ()
+                  ) -> tuple[list[int], torch.Tensor]:
     """Slots of one window: position offsets from the pending token, and the (T, T) mask of which
     window slots each slot sees. Main chain: pending, specs, N-1 MASKs (causal). Then, with
     ``fallback``, one branch of N-1 MASKs per spec j at offsets j+1.., seeing main slots 0..j and
-    its own earlier slots. (Fresh copies of a cached layout: callers may extend them.)"""
-    offsets, mask = _layout(n_specs, n_drafts, fallback)
+    its own earlier slots; then one tree branch of N-1 slots per spec position in ``tree``, laid out
+    and masked the same way. (Fresh copies of a cached layout: callers may extend them.)"""
+    offsets, mask = _layout(n_specs, n_drafts, fallback, tuple(tree))
     return list(offsets), mask.clone()
 
 
-@functools.lru_cache(maxsize=64)
-def _layout(n_specs: int, n_drafts: int, fallback: bool) -> tuple[tuple[int, ...], torch.Tensor]:
+@functools.lru_cache(maxsize=256)
+def _layout(n_specs: int, n_drafts: int, fallback: bool, tree: tuple[int, ...]) -> tuple[tuple[int, ...], torch.Tensor]:
     main = 1 + n_specs + n_drafts
-    branches = n_specs if fallback else 0
-    t = main + branches * n_drafts
+    branches = (list(range(n_specs)) if fallback else []) + list(tree)
+    t = main + len(branches) * n_drafts
     offsets = list(range(main))
     mask = torch.zeros(t, t, dtype=torch.bool)
     mask[:main, :main] = torch.ones(main, main, dtype=torch.bool).tril()
-    for j in range(branches):
-        base = main + j * n_drafts
+    for b, j in enumerate(branches):
+        base = main + b * n_drafts
         offsets += range(j + 1, j + 1 + n_drafts)
         mask[base: base + n_drafts, : j + 1] = True
         mask[base: base + n_drafts, base: base + n_drafts] = torch.ones(n_drafts, n_drafts, dtype=torch.bool).tril()
@@ -194,23 +262,31 @@ def _layout(n_specs: int, n_drafts: int, fallback: bool) -> tuple[tuple[int, ...
 def isd_step(logits: torch.Tensor, state: ISDState, n_drafts: int, params: SamplingParams,
              sampling_mode: str = "exact", gen: torch.Generator | None = None,
              fallback_logits: torch.Tensor | None = None, noise: KeyedNoise | None = None,
-             index: int = 0) -> StepResult:
+             index: int = 0, tree: tuple[int, ...] = (), tree_logits: torch.Tensor | None = None,
+             alternatives: bool = False) -> StepResult:
     """Pure ISD step: window logits (>= 1 + s + n_drafts, V) -> what to emit, keep and do next.
     ``fallback_logits`` (s, n_drafts, V): branch j's MASK logits, drafting after a rejected specs[j].
+    ``tree_logits`` (len(tree), n_drafts, V): the tree branch of spec position tree[b], used when that
+    spec is rejected and the correction is state.alts[tree[b]]. ``alternatives``: the next state
+    carries second choices for the next window's tree branches.
     ``index``: output index of specs[0] (= tokens emitted so far); coupled mode keys its noise on it.
     n_drafts = 0 is an AR step (no specs): emit the clean token, keep the pending slot."""
     s = len(state.specs)
     verdict = check_specs(logits[:s], state, params, sampling_mode, gen, noise, index)
     if verdict.correction is not None:
-        j = verdict.accepted
-        emitted = state.specs[:j] + [verdict.correction]
+        j, c = verdict.accepted, verdict.correction
+        emitted = state.specs[:j] + [c]
+        if j in tree and state.alts[j] == c:
+            # the tree branch started with the correction: its clean slot drafts the next token exactly
+            nxt = propose(tree_logits[tree.index(j)], params, sampling_mode, gen, noise, index + j + 1, c, alternatives)
+            return StepResult(emitted, 1 + j, verdict, nxt, "tree")
         if fallback_logits is None:
-            return StepResult(emitted, 1 + j, verdict, ISDState(verdict.correction))
-        drafts, q = propose(fallback_logits[j], params, sampling_mode, gen, noise, index + j + 1)
-        return StepResult(emitted, 1 + j, verdict, ISDState(verdict.correction, drafts, q))
+            return StepResult(emitted, 1 + j, verdict, ISDState(c), "cold")
+        nxt = propose(fallback_logits[j], params, sampling_mode, gen, noise, index + j + 1, c, alternatives)
+        return StepResult(emitted, 1 + j, verdict, nxt, "fallback")
     clean = pick(logits[s: s + 1], params, gen, noise if sampling_mode == "coupled" else None, index + s)[0]
-    drafts, q = propose(logits[s + 1: s + 1 + n_drafts], params, sampling_mode, gen, noise, index + s + 1)
-    return StepResult(state.specs + [clean], 1 + s, verdict, ISDState(clean, drafts, q))
+    nxt = propose(logits[s + 1: s + 1 + n_drafts], params, sampling_mode, gen, noise, index + s + 1, clean, alternatives)
+    return StepResult(state.specs + [clean], 1 + s, verdict, nxt, "main")
 
 
 class Stopper:
@@ -277,14 +353,17 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
 
     # 2. Steps: extend by a window, keep 1 + accepted, emit accepted + clean/correction.
     while not done:
-        win = build_window(state, n_drafts, cfg.may_fallback, mask, cfg.window if cfg.pad_windows else 0)
+        win = build_window(state, n_drafts, cfg.may_fallback, mask, cfg.window if cfg.pad_windows else 0, cfg.tree)
         start = cache.length
         hidden = model.hidden(torch.tensor(win.ids), start + torch.tensor(win.offsets), cache,
                               gate=win.gate() if gated else None, window_mask=win.mask)[0]
-        main, fb = win.split(model.logits(hidden[: win.used]))
+        logits = model.logits(hidden[: win.used])
+        main, fb = win.split(logits)
         stats.forwards += 1
-        step = isd_step(main, state, n_drafts, params, cfg.sampling_mode, gen, fb, noise, len(stop.tokens))
+        step = isd_step(main, state, n_drafts, params, cfg.sampling_mode, gen, fb, noise, len(stop.tokens),
+                        win.tree, win.tree_logits(logits), cfg.tree > 0)
         stats.record_verify(win.n_specs, step.verdict.accepted)
+        stats.record_tree(len(win.tree), step.branch == "tree")
         cache.crop(start + step.kept)
         state = step.next_state
         done = stop.push(step.emitted)

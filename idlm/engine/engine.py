@@ -206,10 +206,12 @@ class LLMEngine:
         main, fallback = win.split(logits)
         state = req.state.truncated(win.n_specs)  # a smaller stride than the drafting one drops specs
         step = isd_step(main, state, win.n_drafts, req.params, req.decode.sampling_mode, req.gen, fallback,
-                        req.noise, len(req.output))
+                        req.noise, len(req.output), win.tree, win.tree_logits(logits), req.decode.tree > 0)
         if req.decode.mode == "isd":
             req.stats.record_verify(win.n_specs, step.verdict.accepted)
+            req.stats.record_tree(len(win.tree), step.branch == "tree")
             self.metrics.record_verify(win.n_specs, step.verdict.accepted)
+            self.metrics.record_tree(len(win.tree), step.branch == "tree")
         req.num_computed = item.start + step.kept  # set from what was verified, never incremented
         req.state = step.next_state
         accepted = step.verdict.accepted if req.decode.mode == "isd" else 0

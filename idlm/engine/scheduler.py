@@ -133,7 +133,7 @@ class Scheduler:
                 continue
             n_drafts, fallback = chosen.get(req.id, (req.decode.max_stride - 1, req.decode.may_fallback))
             pad = req.decode.window if req.decode.pad_windows and not req.decode.auto else 0
-            win = build_window(req.state, n_drafts, fallback, self.mask_id, pad)
+            win = build_window(req.state, n_drafts, fallback, self.mask_id, pad, req.decode.tree)
             if not self._make_room(req, req.num_computed + len(win.ids), preempted):
                 continue
             items.append(ScheduledItem(req, req.num_computed, win.ids, win))

@@ -282,6 +282,8 @@ class WindowPolicy:
                         t = (1.0 + (SWITCH_HORIZON - 1) * t) / SWITCH_HORIZON
                     tokens += t
                     w, wg = window_rows(n, use_fb, a)
+                    k = min(r.decode.tree, n - 1)  # tree branches (at most; their gain is not modelled)
+                    w, wg = w + k * (n - 1), wg + k * (n - 2)
                     rows, g = rows + w, g + wg
                 rates[(n_auto, fb)] = tokens / self.predict(rows, g if gated else 0)
         drafting = {k: v for k, v in rates.items() if k[0] != 1}

@@ -35,6 +35,7 @@ class RunResult:
     stride: int | str  # N (1 for AR), or "auto"
     fallback: bool | str  # ISD fallback drafts: on, off, or auto (chosen per step)
     concurrency: int  # requests in flight
+    tree: int = 0  # ISD draft-tree branches per window (at most)
     seconds: float = 0.0  # wall time of the whole run
     outputs: list[list[int]] = field(default_factory=list)  # generated ids per prompt, in prompt order
     latencies: list[float] = field(default_factory=list)  # per prompt: submission -> last token
@@ -85,6 +86,7 @@ class RunResult:
              "seconds": round(self.seconds, 3), "requests": len(self.outputs)}
         if self.mode in ("isd", "isd-b1"):
             d["fallback"] = self.fallback
+            d["tree"] = self.tree
             d["acceptance_at"] = [round(x, 4) for x in self.acceptance_at()]
         if self.mode in ("ar", "isd"):
             d["steps"] = self.steps
@@ -101,7 +103,7 @@ def run_engine(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, par
                desc: str = "") -> RunResult:
     """Serve ``prompts`` through a fresh engine with at most ``concurrency`` requests in flight."""
     stride = 1 if cfg.mode == "ar" else cfg.stride
-    res = RunResult(cfg.mode, stride, cfg.fallback if cfg.mode == "isd" else False, concurrency)
+    res = RunResult(cfg.mode, stride, cfg.fallback if cfg.mode == "isd" else False, concurrency, cfg.tree)
     eng = LLMEngine(lm.model, EngineConfig(**{**engine_cfg.__dict__, "max_running": concurrency}), cost=cost)
     eng.generate([prompts[0][:16]], SamplingParams(max_new_tokens=4), cfg)  # warm-up, not timed
     eng.metrics.__init__(kv_blocks_total=eng.blocks.num_total)
@@ -133,7 +135,8 @@ def run_batch1(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, par
                desc: str = "") -> RunResult:
     """The batch-1 reference decoders, one prompt after the other."""
     isd = cfg.mode == "isd"
-    res = RunResult("isd-b1" if isd else "ar-b1", cfg.stride if isd else 1, isd and cfg.may_fallback, 1)
+    res = RunResult("isd-b1" if isd else "ar-b1", cfg.stride if isd else 1, isd and cfg.may_fallback, 1,
+                    cfg.tree if isd else 0)
     t0 = time.perf_counter()
     for ids in tqdm(prompts, desc=desc, leave=False, disable=None):
         out = isd_generate(lm.model, ids, cfg, params) if isd else \

@@ -32,6 +32,8 @@ class EngineMetrics:
     proposed_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT_POSITIONS)  # drafts verified, by position
     accepted_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT_POSITIONS)  # drafts accepted, by position
     tested_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT_POSITIONS)  # drafts checked, by position
+    tree_branches: int = 0  # draft-tree branches in verified windows
+    tree_hits: int = 0  # request-steps whose next drafts came from a tree branch
     schedule_s: float = 0.0  # time choosing the batch (scheduler, block allocation)
     prepare_s: float = 0.0  # time building the batch's tensors
     forward_s: float = 0.0  # time in the model (forward and logits)
@@ -47,6 +49,10 @@ class EngineMetrics:
             self.tested_at[j] += 1
         for j in range(n_accepted):
             self.accepted_at[j] += 1
+
+    def record_tree(self, branches: int, hit: bool) -> None:
+        self.tree_branches += branches
+        self.tree_hits += int(hit)
 
     @property
     def tpf(self) -> float:

@@ -20,6 +20,8 @@ class DecodeStats:
     tested_at: list[int] = field(default_factory=list)  # [j]: drafts at position j that were checked
     accepted_at: list[int] = field(default_factory=list)  # [j]: drafts at position j that were accepted
     preemptions: int = 0  # times the engine freed this request's KV to make room (recomputed later)
+    tree_branches: int = 0  # draft-tree branches in verified windows
+    tree_hits: int = 0  # steps whose next drafts came from a tree branch (its alternative was the correction)
     seconds: float = 0.0  # wall time of the decode (prefill included)
 
     def __post_init__(self) -> None:
@@ -45,6 +47,10 @@ class DecodeStats:
             self.all_accept_steps += 1
         else:
             self.rejects += 1
+
+    def record_tree(self, branches: int, hit: bool) -> None:
+        self.tree_branches += branches
+        self.tree_hits += int(hit)
 
     @property
     def tpf(self) -> float:

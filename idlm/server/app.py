@@ -31,7 +31,7 @@ from .protocol import GenerationRequest, parse_chat, parse_completion
 
 log = logging.getLogger("idlm.server")
 STATIC = Path(__file__).parent / "static"
-MAX_WINDOW = DecodeConfig(stride=MAX_STRIDE).window  # the widest ISD window a request may need on top of its text
+MAX_WINDOW = DecodeConfig(stride=MAX_STRIDE, tree=MAX_STRIDE - 1).window  # the widest ISD window a request may need
 FIELD_NAMES = {"max_new_tokens": "max_tokens"}  # engine field -> OpenAI field, where they differ
 
 
@@ -144,7 +144,7 @@ class Server:
             # coupled sampling: each token's randomness is keyed by (seed, position), so a seeded request
             # gives the same text whatever stride the load picks and whatever else is in the batch
             decode = DecodeConfig(mode=req.mode or cfg.mode, stride=req.stride or cfg.stride,
-                                  sampling_mode="coupled")
+                                  sampling_mode="coupled", tree=cfg.tree if (req.mode or cfg.mode) == "isd" else 0)
         except ConfigError as e:
             raise bad(str(e), FIELD_NAMES.get(e.field, e.field)) from None
         return params, decode

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -177,3 +179,109 @@ def test_coupled_sampled_isd_equals_coupled_sampled_ar(n: int, fallback: bool) -
     other = ar_generate(model, [7, 3, 11], SamplingParams(temperature=0.9, top_p=0.95, seed=99, max_new_tokens=40,
                                                          ignore_eos=True), sampling_mode="coupled")
     assert other.tokens != ar.tokens
+
+
+def test_window_layout_with_tree_branches() -> None:
+    from idlm.decode.isd import window_layout
+
+    offsets, seen = window_layout(2, 2, fallback=True, tree=(1,))
+    # main 0..4 | fallback branches 5-6, 7-8 | tree branch of spec 1 at offsets 2, 3 (slots 9, 10)
+    assert offsets == [0, 1, 2, 3, 4, 1, 2, 2, 3, 2, 3]
+    assert seen[9].nonzero().flatten().tolist() == [0, 1, 9]  # sees what fallback branch 1 sees
+    assert seen[10].nonzero().flatten().tolist() == [0, 1, 9, 10]
+    assert not seen[:9, 9:].any()  # nothing else sees a tree slot
+    offsets, seen = window_layout(3, 3, fallback=False, tree=(0, 2))
+    assert offsets == [0, 1, 2, 3, 4, 5, 6, 1, 2, 3, 3, 4, 5]
+    assert seen[7].nonzero().flatten().tolist() == [0, 7]
+    assert seen[10].nonzero().flatten().tolist() == [0, 1, 2, 10]
+    assert seen[12].nonzero().flatten().tolist() == [0, 1, 2, 10, 11, 12]
+
+
+def test_build_window_tree_ids_gate_and_choice() -> None:
+    from idlm.decode.isd import TREE_MIN_VALUE, ISDState, build_window
+
+    m = 99
+    state = ISDState(5, [6, 7, 8], None, alts=[16, 17, 18], alt_value=[0.30, 0.02, 0.20])
+    assert state.tree_positions(1) == (0,) and state.tree_positions(3) == (0, 2)  # 0.02 < TREE_MIN_VALUE
+    assert TREE_MIN_VALUE > 0.02
+    win = build_window(state, 3, fallback=True, mask_id=m, tree=2)
+    assert win.tree == (0, 2)
+    assert win.ids == [5, 6, 7, 8, m, m, m] + [m] * 9 + [16, m, m, 18, m, m]
+    assert win.used == len(win.ids) == 22 and win.tree_start == 16
+    gate = win.gate().tolist()
+    assert gate[:4] == [0.0] * 4 and gate[4:16] == [1.0] * 12  # clean slots off, MASKs on
+    assert gate[16:] == [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]  # a tree branch's alternative is a clean slot
+    logits = torch.arange(22.0)[:, None].expand(22, 4)
+    main, fb = win.split(logits)
+    assert main.shape == (7, 4) and fb.shape == (3, 3, 4) and fb[2, 0, 0] == 13
+    assert win.tree_logits(logits)[1, 0, 0] == 19
+    # a smaller stride drops the positions it does not verify; tree=0 and AR steps have no branches
+    assert build_window(state, 2, fallback=False, mask_id=m, tree=2).tree == (0,)
+    assert build_window(state, 3, fallback=False, mask_id=m).tree == ()
+    assert build_window(state, 0, fallback=False, mask_id=m, tree=2).ids == [5]
+
+
+def _record_steps(monkeypatch) -> list:
+    from idlm.decode import isd
+
+    steps, real = [], isd.isd_step
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        steps.append(out)
+        return out
+
+    monkeypatch.setattr(isd, "isd_step", spy)
+    return steps
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_greedy_isd_with_trees_equals_greedy_ar_tiny(family: str, n: int, fallback: bool, monkeypatch) -> None:
+    """Greedy ISD with draft trees == greedy AR; after a tree hit, the next step's first draft (the
+    tree branch's clean slot) always passes in bf16: that slot computed the base model's exact next token."""
+    steps = _record_steps(monkeypatch)
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model(seed=n, family=family).to(dtype)
+        for prompt in ([3, 17, 5, 9], [11, 2, 40, 41, 7, 60, 1], [1, 1, 1]):
+            ar = ar_generate(model, prompt, params)
+            steps.clear()
+            isd = isd_generate(model, prompt, DecodeConfig(stride=n, fallback=fallback, tree=n - 1), params)
+            assert isd.tokens == ar.tokens
+            if dtype == torch.bfloat16:  # native forward: the branch's clean slot is bit-exact (fp32: rounding)
+                for a, b in itertools.pairwise(steps):
+                    if a.branch == "tree":
+                        assert b.verdict.accepted >= 1
+
+
+def test_trees_are_used_and_keep_risd_output(monkeypatch) -> None:
+    """R-ISD with trees == base AR, the tree path really runs, and a hit's next draft always passes
+    (the alternative's slot is gated off: with the adapter on it, its draft would be the adapter's)."""
+    steps = _record_steps(monkeypatch)
+    base, adapted = (m.to(torch.bfloat16) for m in tiny_risd_pair(11))  # bf16: the native forward, rows exact
+    params = SamplingParams(max_new_tokens=64, ignore_eos=True)
+    hits = 0
+    for prompt in ([4, 8, 15, 16, 23, 42], [9, 9, 2], [30, 1, 77, 5]):
+        ref = ar_generate(base, prompt, params)
+        for n in (2, 3, 4):
+            steps.clear()
+            out = isd_generate(adapted, prompt, DecodeConfig(stride=n, tree=n - 1), params)
+            assert out.tokens == ref.tokens
+            assert out.stats.tree_hits == sum(s.branch == "tree" for s in steps)
+            hits += out.stats.tree_hits
+            for a, b in itertools.pairwise(steps):
+                if a.branch == "tree":
+                    assert b.verdict.accepted >= 1
+    assert hits >= 3
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_coupled_sampled_isd_with_trees_equals_coupled_ar(n: int) -> None:
+    model = tiny_model(seed=4)
+    cfg = DecodeConfig(stride=n, sampling_mode="coupled", tree=2)
+    for seed in (0, 1, 2):
+        params = SamplingParams(temperature=0.9, top_p=0.95, seed=seed, max_new_tokens=40, ignore_eos=True)
+        assert isd_generate(model, [7, 3, 11], cfg, params).tokens == \
+            ar_generate(model, [7, 3, 11], params, sampling_mode="coupled").tokens

@@ -43,3 +43,19 @@ def test_isd_equals_ar_128_tokens(real, n: int) -> None:
         ar = ar_generate(model, ids, params)
         isd = isd_generate(model, ids, DecodeConfig(stride=n), params)
         assert isd.tokens == ar.tokens, f"N={n} prompt {text[:30]!r}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [3, 4])
+def test_isd_with_trees_equals_ar_128_tokens(real, n: int) -> None:
+    """Draft trees on the shipped drafter: output == AR, and the tree path is really taken."""
+    model, tok = real
+    params = SamplingParams(max_new_tokens=128, ignore_eos=True)
+    hits = 0
+    for text in BUILTIN_PROMPTS[:4]:
+        ids = encode(tok, text, chat=True)
+        ar = ar_generate(model, ids, params)
+        isd = isd_generate(model, ids, DecodeConfig(stride=n, tree=2), params)
+        assert isd.tokens == ar.tokens, f"N={n} tree=2 prompt {text[:30]!r}"
+        hits += isd.stats.tree_hits
+    assert hits > 0

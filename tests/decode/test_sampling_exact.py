@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from idlm.config import SamplingParams
-from idlm.decode import ISDState, isd_step, target_probs
+from idlm.decode import isd_step, target_probs
 from idlm.decode.isd import propose
 
 CRIT_DF5_1E6 = 35.9  # chi-square(5) quantile at 1 - 1e-6
 TRIALS = 20_000
+TREE_TRIALS = 10_000
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -30,8 +31,8 @@ def first_token_counts(anchor: torch.Tensor, draft: torch.Tensor, params: Sampli
     g = torch.Generator().manual_seed(1234)
     counts = torch.zeros(anchor.shape[-1])
     for _ in range(TRIALS):
-        specs, q = propose(draft[None], params, mode, g)
-        step = isd_step(torch.cat([anchor[None], anchor[None], draft[None]]), ISDState(0, specs, q), 1,
+        state = propose(draft[None], params, mode, g)
+        step = isd_step(torch.cat([anchor[None], anchor[None], draft[None]]), state, 1,
                         params, mode, g)
         counts[step.emitted[0]] += 1
     return counts
@@ -106,8 +107,8 @@ def test_coupled_mode_matches_anchor_distribution_and_accepts_often() -> None:
     accepted = 0
     for seed in range(TRIALS):
         noise = KeyedNoise(seed, len(ANCHOR))
-        specs, _ = propose(DRAFT[None], params, "coupled", None, noise, 1)
-        step = isd_step(torch.cat([ANCHOR[None], ANCHOR[None], DRAFT[None]]), ISDState(0, specs), 1, params,
+        state = propose(DRAFT[None], params, "coupled", None, noise, 1)
+        step = isd_step(torch.cat([ANCHOR[None], ANCHOR[None], DRAFT[None]]), state, 1, params,
                         "coupled", None, noise=noise, index=1)
         counts[step.emitted[0]] += 1
         accepted += step.verdict.accepted
@@ -124,3 +125,30 @@ def test_keyed_noise_depends_only_on_seed_and_index() -> None:
     assert not torch.equal(a.at(3), a.at(4)) and not torch.equal(a.at(3), KeyedNoise(6, 50).at(3))
     a.forget_before(10)
     assert torch.equal(a.at(4), b.at(4))  # recomputed identically after being dropped
+
+
+def test_exact_mode_through_draft_trees_matches_the_chain() -> None:
+    """The same joint law of tokens 3 and 4 with draft trees on: after a rejected draft whose correction
+    is the drafter's second choice, the next drafts come from the tree branch (its clean slot drafts
+    from the anchor itself, q = p). 36 cells, df 35, false-failure odds 1e-6 per run."""
+    from idlm.config import DecodeConfig
+    from idlm.decode import isd_generate
+
+    from .tiny import MarkovLM
+
+    g = torch.Generator().manual_seed(7)
+    anchor = torch.randn(6, 6, generator=g) * 1.2
+    draft = torch.tensor([1.5, -0.5, 0.8, 0.0, -1.0, 0.3])
+    lm = MarkovLM(anchor, draft)
+    counts = torch.zeros(6, 6)
+    cfg = DecodeConfig(stride=3, fallback=True, tree=2)
+    tree_used = 0
+    for seed in range(TREE_TRIALS):
+        out = isd_generate(lm, [0], cfg, SamplingParams(temperature=1.0, seed=seed, max_new_tokens=4,
+                                                         ignore_eos=True))
+        counts[out.tokens[2], out.tokens[3]] += 1
+        tree_used += out.stats.tree_hits > 0
+    p = torch.softmax(anchor, -1)
+    joint = (p[0] @ p @ p)[:, None] * p
+    assert tree_used > TREE_TRIALS // 20  # the tree path really ran in many trials
+    assert chi_square(counts.flatten(), joint.flatten()) < CRIT_DF35_1E6

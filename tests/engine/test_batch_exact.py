@@ -21,7 +21,7 @@ from idlm.model.quant import quantize_model
 from ..model.test_window_exact import _shaped_like_smollm2
 
 CFGS = [DecodeConfig(stride=3, fallback=True), DecodeConfig(mode="ar"), DecodeConfig(stride=4, fallback=False),
-        DecodeConfig(stride=2, fallback=True), DecodeConfig(stride=5, fallback=True), DecodeConfig(stride=3)]
+        DecodeConfig(stride=2, fallback=True), DecodeConfig(stride=5, fallback=True), DecodeConfig(stride=3, tree=2)]
 LENGTHS = [5, 130, 300, 700, 17, 64]
 
 

@@ -19,7 +19,8 @@ from ..decode.tiny import tiny_model, tiny_risd_pair
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
 FLAT_COST = CostModel([1, 1000], [0.01, 0.0100001])  # rows are free: the policy drafts as much as it can
 MIXED = [DecodeConfig(mode="ar")] + [DecodeConfig(stride=n, fallback=fb) for n in (2, 3, 4, 5)
-                                     for fb in (True, False, "auto")] + [DecodeConfig(stride="auto")]
+                                     for fb in (True, False, "auto")] + [DecodeConfig(stride="auto")] \
+    + [DecodeConfig(stride=3, fallback=True, tree=2), DecodeConfig(stride=4, fallback=False, tree=3)]
 
 
 def engine(model, cost: CostModel = FLAT_COST, **kw) -> LLMEngine:

@@ -84,3 +84,42 @@ def test_fallback_window_keeps_main_rows_exact_and_branches_see_their_own_contex
                                              prefix + j + 1 + torch.arange(n_drafts), ref))[0]
             got = out[main + j * n_drafts: main + (j + 1) * n_drafts]
             torch.testing.assert_close(got, rows, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@torch.inference_mode()
+def test_tree_branches_keep_main_rows_exact_and_their_alternative_is_a_one_token_step(dtype: torch.dtype) -> None:
+    """A window with fallback and draft-tree branches: main-chain rows equal one-token steps bit for bit,
+    and a tree branch's first slot (the drafter's second choice for spec j, a clean slot) equals the
+    one-token step of that token after main slots 0..j, bit for bit in bf16 (the native forward): that is
+    what lets the next step's first draft, taken from it, pass (in fp32 it may round differently, so that
+    draft can fail; the output is the verifier's either way)."""
+    from idlm.decode.isd import window_layout
+
+    model = _shaped_like_smollm2(dtype)
+    g = torch.Generator().manual_seed(3)
+    mask_id = model.cfg.mask_token_id
+    for prefix, n_specs, n_drafts, tree in ((9, 2, 2, (0, 1)), (40, 3, 3, (1,)), (17, 4, 4, (0, 3))):
+        offsets, seen = window_layout(n_specs, n_drafts, fallback=True, tree=tree)
+        ids = torch.randint(0, 512, (prefix + 1 + n_specs,), generator=g)
+        alts = torch.randint(0, 512, (len(tree),), generator=g)
+        window = torch.cat([ids[prefix:], torch.full((n_drafts + n_specs * n_drafts,), mask_id)]
+                           + [torch.cat([a[None], torch.full((n_drafts - 1,), mask_id)]) for a in alts])
+        assert len(window) == len(offsets)
+        cache = model.new_cache(capacity=256)
+        model.hidden(ids[:prefix], torch.arange(prefix), cache)
+        out = model.logits(model.hidden(window, prefix + torch.tensor(offsets), cache, window_mask=seen))[0]
+        steps = model.new_cache(capacity=256)
+        model.hidden(ids[:prefix], torch.arange(prefix), steps)
+        for i in range(1 + n_specs):
+            one = model.logits(model.hidden(ids[prefix + i: prefix + i + 1], torch.tensor([prefix + i]), steps))[0, 0]
+            assert torch.equal(out[i], one), f"main row {i} drifted ({dtype}, tree {tree})"
+        start = 1 + n_specs + n_drafts + n_specs * n_drafts
+        for b, j in enumerate(tree):
+            ref = model.new_cache(capacity=256)
+            model.hidden(ids[: prefix + j + 1], torch.arange(prefix + j + 1), ref)
+            one = model.logits(model.hidden(alts[b: b + 1], torch.tensor([prefix + j + 1]), ref))[0, 0]
+            if dtype == torch.bfloat16:  # the native forward: every row exact in any layout
+                assert torch.equal(out[start + b * n_drafts], one), f"tree branch {j} drifted"
+            else:  # the Python fp32 path attends a masked branch row in another blocking: rounding only
+                torch.testing.assert_close(out[start + b * n_drafts], one, rtol=1e-4, atol=1e-4)
