@@ -79,12 +79,19 @@ FALLBACK_HELP = ("fallback drafts: each window also drafts for every possible re
                  "(the batch-1 decoders: always). Never changes the output")
 
 
+TREE_HELP = ("draft trees: at most K extra branches per window (N-1 rows each), each starting with the drafter's "
+             "second choice for a draft it is unsure of, so a rejection whose correction is that choice still "
+             "verifies the next drafts (default 0 = off). Never changes the output")
+
+
 def _add_fallback_arg(p: argparse.ArgumentParser, several: bool = False) -> None:
     if several:
         p.add_argument("--fallback", default="auto", help=FALLBACK_HELP + "; a comma list such as auto,on,off "
                        "benches each")
+        p.add_argument("--tree", default="0", help=TREE_HELP + "; a comma list such as 0,2 benches each")
     else:
         p.add_argument("--fallback", choices=("auto", "on", "off"), default="auto", help=FALLBACK_HELP)
+        p.add_argument("--tree", type=int, default=0, help=TREE_HELP)
 
 
 def _add_dataclass_args(p: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = ()) -> None:
@@ -197,6 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      "skipping prompts already done). Sources: gsm8k (train split), builtin, or "
                                      "JSONL files of {\"prompt\"} / {\"messages\"}.")
     _add_dataclass_args(dg, DataGenConfig, required=("prompts", "out"))
+    dp = dsub.add_parser("prompts", help="varied user prompts sampled from the base model itself (Magpie; resumable)",
+                         description="Feed the chat template up to an open user turn to the base model and keep "
+                                     "what it writes as prompts (JSONL {\"prompt\"}, a source for `idlm data generate`). "
+                                     "Fragments and duplicates are dropped; each prompt is a function of (seed, index), "
+                                     "so an interrupted run resumes where it stopped.")
+    dp.add_argument("--out", required=True, help="output JSONL (appended to until it holds --count prompts)")
+    dp.add_argument("--count", type=int, required=True, help="prompts the file should hold")
+    dp.add_argument("--model", default=None, help="base model; default: the embedded SmolLM2-135M-Instruct")
+    dp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    dp.add_argument("--batch-size", type=int, default=16, help="requests the engine keeps in flight (default 16)")
+    dp.add_argument("--max-tokens", type=int, default=96, help="length cap of one sampled prompt; longer ones are "
+                    "dropped (default 96)")
+    dp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    dp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    dp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
 
     ev = sub.add_parser("eval", help="quality on GSM8K / HumanEval (ISD vs AR) or held-out NLL, in process or over HTTP",
                         description="Evaluate on a task and end with one JSON line {task, mode, stride, score, n, "
@@ -281,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "/detokenize, /version and a playground page at /. Binds 127.0.0.1 unless told "
                                     "otherwise. SIGTERM drains in-flight requests, then exits 0.")
     d0 = ServerConfig()
-    for name, kind in (("model", str), ("host", str), ("port", int), ("stride", str), ("mode", str),
+    for name, kind in (("model", str), ("host", str), ("port", int), ("stride", str), ("mode", str), ("tree", int),
                        ("dtype", str), ("quant", str), ("api_key", str), ("max_running", int), ("max_queue", int),
                        ("kv_cache_gb", _float), ("max_batched_tokens", int), ("max_model_len", int),
                        ("served_model_name", str), ("shutdown_timeout", _float), ("max_body_bytes", int),

@@ -59,11 +59,14 @@ def _fallback(text: str) -> bool | str:
 
 
 def _decode_cfg(args: argparse.Namespace, stride: int | str, mode: str = "isd",
-                fallback: bool | str | None = None) -> DecodeConfig:
+                fallback: bool | str | None = None, tree: int | None = None) -> DecodeConfig:
     if fallback is None:
         fallback = _fallback(getattr(args, "fallback", "auto"))
+    if tree is None:
+        tree = getattr(args, "tree", 0)
     return DecodeConfig(mode=mode, stride=stride, pad_windows=getattr(args, "pad_windows", False),
-                        sampling_mode=getattr(args, "sampling_mode", "exact"), fallback=fallback)
+                        sampling_mode=getattr(args, "sampling_mode", "exact"), fallback=fallback,
+                        tree=tree if mode == "isd" else 0)
 
 
 def _engine(lm: LoadedModel, args: argparse.Namespace, max_running: int | None = None):
@@ -240,7 +243,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if min(concurrency) < 1:
         raise ConfigError("--concurrency values must be >= 1")
     fallbacks = [_fallback(f) for f in _list(args.fallback, "--fallback", str)]
-    cfgs = [_decode_cfg(args, n, fallback=f) for n in strides for f in fallbacks]  # validates each stride
+    trees = _list(args.tree, "--tree")
+    cfgs = [_decode_cfg(args, n, fallback=f, tree=k) for n in strides for f in fallbacks
+            for k in trees]  # validates each
     if "llamacpp" in modes and not llamacpp_available():
         raise ConfigError(LLAMACPP_HINT)
     if "isd-b1" in modes and all(c.auto for c in cfgs):
@@ -323,7 +328,7 @@ def _print_bench(results, prompts, params, args) -> None:
     print(f"{len(prompts)} prompts, max {params.max_new_tokens} new tokens, dtype {args.dtype}, quant {args.quant}, "
           f"{args.forward.split(' ')[0]} forward, {torch.get_num_threads()} threads, median of {args.repeats} round-robin run(s); "
           f"'vs AR' = total tok/s / engine AR at the same concurrency")
-    print(f"{'mode':<7}{'N':>5}{'fb':>5}{'C':>4}{'tokens':>8}{'TPF':>6}{'total/s':>9}{'req/s':>8}{'p50 s':>7}"
+    print(f"{'mode':<7}{'N':>5}{'fb':>5}{'tree':>5}{'C':>4}{'tokens':>8}{'TPF':>6}{'total/s':>9}{'req/s':>8}{'p50 s':>7}"
           f"{'p90 s':>7}{'vs AR':>7}{'same':>6}{'ovh':>6}{'gsm8k':>7}  acceptance / auto N")
     ar = {r.concurrency: r for r in results if r.mode == "ar"}
     for r in results:
@@ -335,7 +340,8 @@ def _print_bench(results, prompts, params, args) -> None:
         extra = " ".join(f"{a:.2f}" for a in r.acceptance_at()) if r.mode.startswith("isd") else ""
         if r.strides_chosen:
             extra += "  chose " + ", ".join(f"{k}:{v}" for k, v in sorted(r.strides_chosen.items()))
-        print(f"{r.mode:<7}{r.stride!s:>5}{fb:>5}{r.concurrency:>4}{r.tokens:>8}{r.tpf:>6.2f}"
+        tree = str(r.tree) if r.mode.startswith("isd") else "-"
+        print(f"{r.mode:<7}{r.stride!s:>5}{fb:>5}{tree:>5}{r.concurrency:>4}{r.tokens:>8}{r.tpf:>6.2f}"
               f"{r.total_tokens_per_s:>9.1f}{r.per_request_tokens_per_s:>8.1f}{r.latency(0.5):>7.2f}"
               f"{r.latency(0.9):>7.2f}{rel:>7}{r.identical!s:>6}{ovh:>6}{qual:>7}  {extra}")
 
@@ -423,12 +429,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "prompts":
+        return _data_prompts(args)
     from .train.config import DataGenConfig
     from .train.data import run_data_generate
 
     cfg = _dataclass_from_args(DataGenConfig, args)
     res = run_data_generate(cfg)
     print(f"{res.out_path}: {res.generated} new records, {res.skipped} already there, {res.response_tokens} tokens")
+    return 0
+
+
+def _data_prompts(args: argparse.Namespace) -> int:
+    from .train.magpie import synthesize_prompts
+
+    if args.count < 1 or args.batch_size < 1 or args.max_tokens < 1:
+        raise ConfigError("--count, --batch-size and --max-tokens must be >= 1")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--temperature must be > 0 and --top-p in (0, 1]")
+    res = synthesize_prompts(args.out, args.count, args.model, args.seed, args.batch_size, args.max_tokens,
+                             args.temperature, args.top_p, args.progress)
+    print(f"{res.out_path}: {res.written} new prompts ({res.sampled} sampled), {res.total} in the file")
+    if res.exhausted:
+        print(f"idlm: warning: stopped after {res.sampled} samples with {res.total} of {args.count} prompts: the "
+              "model rarely ends a user turn (try a lower --temperature or a larger --max-tokens)", file=sys.stderr)
+        return 1
     return 0
 
 

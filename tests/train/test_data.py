@@ -94,3 +94,41 @@ def test_text_records_are_tokenized_with_the_chat_template(tiny_chat_folder, tmp
     assert tok.decode(a.prompt_ids).endswith("<|im_start|>assistant\n")
     assert tok.decode(a.response_ids) == "Hello there.<|im_end|>"
     assert tok.decode(b.response_ids) == "A.<|im_end|>"
+
+
+def test_magpie_prefix_and_cleaning(tiny_chat_folder):
+    from transformers import AutoTokenizer
+
+    from idlm.train.magpie import clean_prompt, user_prefix
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_chat_folder))
+    prefix = user_prefix(tok)
+    assert prefix.endswith("<|im_start|>user\n")  # SmolLM2's template, its default system turn before it
+    full = tok.apply_chat_template([{"role": "user", "content": "Hi there you"}], tokenize=False)
+    assert full.startswith(prefix + "Hi there you")
+    assert clean_prompt("  How do tides work on Earth?\n") == "How do tides work on Earth?"
+    assert clean_prompt("Too short") is None and clean_prompt("x " * 400) is None
+    assert clean_prompt("Tell me a story <|im_end|> please") is None
+
+
+def test_magpie_prompts_are_deterministic_and_resume(tmp_path):
+    """The real default model samples user turns; a second call appends until --count, and the prompts
+    are a function of (seed, index): a fresh file with the same seed holds the same ones."""
+    from idlm.model.loading import DEFAULT_MODEL, ModelLoadError, resolve_folder
+    from idlm.train.magpie import synthesize_prompts
+
+    try:
+        resolve_folder(DEFAULT_MODEL)
+    except ModelLoadError as e:
+        pytest.skip(f"default model unavailable: {e}")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    r1 = synthesize_prompts(a, 2, batch_size=4, max_tokens=64, progress=False)
+    r2 = synthesize_prompts(a, 4, batch_size=4, max_tokens=64, progress=False)
+    assert (r1.total, r2.total, r2.written) == (2, 4, 2) and not r2.exhausted
+    recs = [json.loads(x) for x in a.read_text().splitlines()]
+    assert len({r["prompt"].lower() for r in recs}) == 4
+    assert all(len(r["prompt"].split()) >= 4 for r in recs)
+    synthesize_prompts(b, 4, batch_size=4, max_tokens=64, progress=False)
+    assert [json.loads(x) for x in b.read_text().splitlines()] == recs  # resumed == uninterrupted
+    assert synthesize_prompts(a, 4, progress=False).sampled == 0  # already full: nothing sampled
+    assert load_prompts([str(a)])[0].messages == (("user", recs[0]["prompt"]),)
