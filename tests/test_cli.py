@@ -30,6 +30,10 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     (["generate", "--prompt", "hi", "--model", "/no/such/model"], "model not found"),
     (["bench", "--modes", "ar,xyz"], "--modes takes a comma list"),
     (["verify", "--prompts", "0"], "--prompts must be in"),
+    (["generate", "--prompt", "hi", "--tree", "9"], "--tree must be an integer in 0..7"),
+    (["bench", "--modes", "isd", "--tree", "0,x"], "--tree takes a comma list"),
+    (["serve", "--tree", "-1"], "--tree must be an integer in 0..7"),
+    (["data", "prompts", "--out", "p.jsonl", "--count", "0"], "--count, --batch-size and --max-tokens must be >= 1"),
 ])
 def test_bad_input_one_line_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2
