@@ -261,9 +261,10 @@ inline __m512i bcast4(const int8_t* p) {
 }
 
 // R rows of one int4 group (4 x 64 bytes of nibbles: low nibbles = k-quad 2c, high = 2c + 1)
+// Exact integer dot products of rows m0..m0+R-1 of one group of 32 int8 activations with 16 columns' 8 u8
+// k-quads (two accumulators per row, summed at the end)
 template <int R>
-inline void w4a8_tile(const __m512i* w /* 8 decoded k-quads */, const int8_t* xq, int64_t K, int64_t g, int64_t G,
-                      __m512 s, __m512 mn, const float* dx, const int32_t* sq, float* out, int64_t m0) {
+inline void group_dots(const __m512i* w, const int8_t* xq, int64_t K, int64_t g, int64_t m0, __m512i* dot) {
   __m512i a[R][2];
   for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_si512();
   const int8_t* xb = xq + m0 * K + g * 32;
@@ -272,9 +273,17 @@ inline void w4a8_tile(const __m512i* w /* 8 decoded k-quads */, const int8_t* xq
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) a[r][c & 1] = dpbusd(a[r][c & 1], w[c], bcast4(xb + r * K + 4 * c));
   }
+  for (int r = 0; r < R; ++r) dot[r] = _mm512_add_epi32(a[r][0], a[r][1]);
+}
+
+template <int R>
+inline void w4a8_tile(const __m512i* w /* 8 decoded k-quads */, const int8_t* xq, int64_t K, int64_t g, int64_t G,
+                      __m512 s, __m512 mn, const float* dx, const int32_t* sq, float* out, int64_t m0) {
+  __m512i dot[R];
+  group_dots<R>(w, xq, K, g, m0, dot);
   for (int r = 0; r < R; ++r) {
     const int64_t m = m0 + r;
-    const __m512 t = _mm512_cvtepi32_ps(_mm512_add_epi32(a[r][0], a[r][1]));
+    const __m512 t = _mm512_cvtepi32_ps(dot[r]);
     const float d = dx[m * G + g];
     __m512 o = _mm512_loadu_ps(out + m * 16);
     o = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(d)), t, o);
@@ -313,17 +322,11 @@ void w4a8_block(const uint8_t* pk, const float* prm, const int8_t* xq, const flo
 template <int R>
 inline void w8a8_tile(const __m512i* w, const int8_t* xq, int64_t K, int64_t g, int64_t G, const float* dx,
                       const int32_t* sq, __m512* acc, int64_t m0) {
-  __m512i a[R][2];
-  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_si512();
-  const int8_t* xb = xq + m0 * K + g * 32;
-#pragma GCC unroll 8
-  for (int c = 0; c < 8; ++c) {
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) a[r][c & 1] = dpbusd(a[r][c & 1], w[c], bcast4(xb + r * K + 4 * c));
-  }
+  __m512i raw[R];
+  group_dots<R>(w, xq, K, g, m0, raw);
   for (int r = 0; r < R; ++r) {
     const int64_t m = m0 + r;
-    const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a[r][0], a[r][1]), _mm512_set1_epi32(128 * sq[m * G + g]));
+    const __m512i dot = _mm512_sub_epi32(raw[r], _mm512_set1_epi32(128 * sq[m * G + g]));
     acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(dx[m * G + g]), _mm512_cvtepi32_ps(dot), acc[m]);
   }
 }
