@@ -132,7 +132,7 @@ def generate_data(prompts: list[PromptItem], out_path: str | Path, max_new_token
     pending.sort(key=lambda p: sum(len(c) for _, c in p.messages))  # similar lengths share a batch
     if not pending:
         return GenerateResult(out_path, 0, len(todo), 0)
-    gen = _Generator(model, device, seed, batch_size)
+    gen = BaseGenerator(model, device, seed, batch_size)
     from tqdm import tqdm
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def generate_data(prompts: list[PromptItem], out_path: str | Path, max_new_token
     return GenerateResult(out_path, len(pending), len(todo) - len(pending), n_tokens)
 
 
-class _Generator:
+class BaseGenerator:
     """The base model's greedy (or sampled) answers through our engine: continuous batching over
     ``batch_size`` requests and, on the CPU, the native forward with the quantization the model is served
     with (``--quant auto``), so the drafter learns the outputs the served anchor produces. The tokenizer

@@ -69,23 +69,19 @@ def synthesize_prompts(out_path: str | Path, count: int, model: str | None = Non
     until it holds ``count`` distinct ones; duplicates (case-insensitive) and fragments are dropped.
     Gives up after ``max_samples`` samples in this call (default 20 per prompt asked for), so a model
     that never ends a user turn cannot loop forever."""
-    import torch
     from tqdm import tqdm
 
     from ..config import DecodeConfig, SamplingParams
-    from ..engine import EngineConfig, LLMEngine
-    from ..model.loading import DEFAULT_MODEL, load_model
+    from .data import BaseGenerator
 
     out_path = Path(out_path)
     have, index = _existing(out_path)
     seen = {p.lower() for p in have}
     if len(have) >= count:
         return PromptGenResult(out_path, 0, len(have), 0)
-    lm = load_model(model or DEFAULT_MODEL, dtype=torch.bfloat16, quant="auto")  # the bare base, as it is served
-    tok = lm.tokenizer()
+    gen = BaseGenerator(model, "cpu", seed, batch_size)  # the bare base, as it is served, and its engine
+    tok, stops, engine = gen.tok, gen.eos, gen.engine
     prefix = tok(user_prefix(tok), add_special_tokens=False).input_ids
-    stops = {t for t in list(lm.model.cfg.eos_token_ids) + [tok.eos_token_id] if t is not None}
-    engine = LLMEngine(lm.model, EngineConfig(max_running=batch_size))
     written = sampled = 0
     limit = max_samples if max_samples is not None else 20 * (count - len(have))
     out_path.parent.mkdir(parents=True, exist_ok=True)
