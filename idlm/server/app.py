@@ -31,7 +31,6 @@ from .protocol import GenerationRequest, parse_chat, parse_completion
 
 log = logging.getLogger("idlm.server")
 STATIC = Path(__file__).parent / "static"
-MAX_WINDOW = DecodeConfig(stride=MAX_STRIDE, tree=MAX_STRIDE - 1).window  # the widest ISD window a request may need
 FIELD_NAMES = {"max_new_tokens": "max_tokens"}  # engine field -> OpenAI field, where they differ
 
 
@@ -181,7 +180,8 @@ class Server:
         for pi, (ids, text) in enumerate(prompts):
             max_tokens = req.max_tokens
             if max_tokens is None:  # completions: 16; chat: the rest of the context (and of the KV pool)
-                pool = engine.engine.blocks.num_total * engine.engine.blocks.block_size - MAX_WINDOW
+                widest = DecodeConfig(stride=MAX_STRIDE, tree=s.config.tree).window  # the widest ISD window it may need
+                pool = engine.engine.blocks.num_total * engine.engine.blocks.block_size - widest
                 max_tokens = 16 if req.kind == "completion" else max(1, min(s.max_model_len, pool) - len(ids))
             self.check_prompt(ids, max_tokens)
             for k in range(req.n):
