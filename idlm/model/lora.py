@@ -231,6 +231,15 @@ def lora_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
     return out
 
 
+def lora_state_from(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """``lora_state_dict`` from a Decoder state dict (e.g. gathered from FSDP shards) instead of a module."""
+    out = {ALPHA_KEY: torch.tensor(float(alpha))}
+    out.update({k: v.detach() for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))})
+    if "embed.mask_row" in state:
+        out[MASK_ROW_KEY] = state["embed.mask_row"].detach()
+    return out
+
+
 def load_lora(model: Decoder, state: dict[str, torch.Tensor], alpha: float | None = None) -> Decoder:
     """Wrap ``model`` with adapters shaped like ``state`` and load them (inference: frozen).
     ``alpha`` defaults to the one stored in ``state``. A MASK row in ``state`` is written into the

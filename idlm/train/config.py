@@ -15,6 +15,7 @@ from .mask import ATTENTIONS
 
 MODES = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
+SHARDINGS = ("auto", "ddp", "fsdp", "fsdp-grad-op")
 DEFAULT_LR = {"full": 1e-5, "lora": 2e-4}  # spec §2.4 (full), [FORK-R] LoRA recipe (lora)
 
 
@@ -81,6 +82,10 @@ class ConvertConfig:
     stop_at: int = 0  # stop (after checkpointing) once this global step is reached; 0 = run all stages
     seed: int = 0  # data order seed
     device: str = "auto"  # cpu | cuda | cuda:K | auto (cuda:LOCAL_RANK when available)
+    sharding: str = "auto"  # several processes: ddp (every rank holds the whole model) | fsdp (FSDP2:
+    #   weights, gradients and optimizer state sharded, ZeRO-3-like) | fsdp-grad-op (layers stay gathered
+    #   from forward to backward, ZeRO-2-like) | auto (what an `accelerate launch` FSDP config asks for,
+    #   else ddp)
     log_every: int = 1  # write a train_log.jsonl record every this many steps
     loss_chunk: int = 1024  # rows per chunk of the output-head projection in the loss
     progress: bool = True  # show a progress bar (rank 0)
@@ -90,6 +95,8 @@ class ConvertConfig:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"--sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}")
         if not self.data:
             raise ValueError("--data: give at least one JSONL file")
         parse_stages(self.stages)

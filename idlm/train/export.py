@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from ..model.config import ModelConfig
 from ..model.converted import ADAPTER_FILE, META_FILE, ConvertedMeta, LoadedConverted, load_converted  # noqa: F401
 from ..model.decoder import Decoder
 from ..model.loading import read_config
-from ..model.lora import lora_state_dict
+from ..model.lora import lora_state_dict, lora_state_from
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
@@ -48,16 +49,21 @@ def save_json(obj: dict, path: Path) -> None:
     _atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def save_converted(model: Decoder, out_dir: str | Path, meta: ConvertedMeta, base_folder: Path) -> Path:
-    """Write the adapter (lora) or the full HF-layout model (full) plus ``idlm_convert.json``."""
+def save_converted(model: Decoder, out_dir: str | Path, meta: ConvertedMeta, base_folder: Path,
+                   state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter (lora) or the full HF-layout model (full) plus ``idlm_convert.json``.
+    ``state``: the Decoder's tensors when ``model`` itself is sharded (FSDP gathers them on rank 0; for
+    lora the trainable ones only)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if meta.mode == "lora":
-        save_safetensors(lora_state_dict(model), out / ADAPTER_FILE)
+        adapter = lora_state_dict(model) if state is None else lora_state_from(state, meta.lora_alpha)
+        save_safetensors(adapter, out / ADAPTER_FILE)
     else:
         conf = read_config(base_folder)
         conf["mask_token_id"] = model.cfg.mask_token_id
-        save_safetensors(ours_to_hf(model), out / "model.safetensors")
+        sd = model.state_dict() if state is None else state
+        save_safetensors(ours_to_hf(sd, model.cfg), out / "model.safetensors")
         save_json(conf, out / "config.json")
         for name in TOKENIZER_FILES:
             if (base_folder / name).exists() and base_folder.resolve() != out.resolve():
@@ -66,11 +72,9 @@ def save_converted(model: Decoder, out_dir: str | Path, meta: ConvertedMeta, bas
     return out
 
 
-def ours_to_hf(model: Decoder) -> dict[str, torch.Tensor]:
-    """Our fused decoder state → HF Llama/Qwen names (inverse of ``loading.hf_to_ours``).
+def ours_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our fused decoder state dict → HF Llama/Qwen names (inverse of ``loading.hf_to_ours``).
     The embedding keeps an appended MASK row, so it may have vocab_size + 1 rows."""
-    cfg = model.cfg
-    sd = {k: v for k, v in model.state_dict().items()}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
