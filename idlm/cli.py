@@ -197,6 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Runs unchanged under torchrun / accelerate launch.")
     _add_dataclass_args(c, ConvertConfig, required=("data", "out"))
 
+    ex = sub.add_parser("export", help="lay out a converted model for vLLM (draft model) or the reference SGLang",
+                        description="Write an `idlm convert --mode full` model for another serving engine and print "
+                                    "its launch command. vllm: a plain HF folder with mask_token_id that vLLM runs as "
+                                    "a parallel-drafting draft model for the base model (tensor/pipeline parallel, "
+                                    "multi-node; output verified by vLLM's rejection sampler, so it stays the base "
+                                    "model's). sglang-idlm: the reference I-DLM layout (SDARForCausalLM config, "
+                                    "MASK 151669, IDLMBlockN YAML) for the authors' SGLang fork; Qwen3 only. The "
+                                    "gated R-ISD adapter (--mode lora) runs only in `idlm serve`.")
+    ex.add_argument("out", help="output folder (created)")
+    ex.add_argument("--to", required=True, choices=("vllm", "sglang-idlm"), help="target engine")
+    ex.add_argument("--model", required=True, metavar="FOLDER", help="the `idlm convert --mode full` output folder")
+    ex.add_argument("--stride", type=int, default=None,
+                    help="ISD stride N (default: the one the model was trained for); vllm: "
+                         "num_speculative_tokens = N; sglang-idlm: gen_block_size = N, block_size = 2N-1")
+    ex.add_argument("--mask-id", type=int, default=None,
+                    help="vllm, for a model whose MASK is an appended row (vocabularies without spare rows, e.g. "
+                         "Llama/SmolLM2): an existing token id whose embedding row carries the MASK row")
+    ex.add_argument("--temperature", type=_float, default=1.0,
+                    help="sglang-idlm: the YAML's sampling temperature (<= 0 = greedy; default 1.0 as the "
+                         "reference's YAMLs)")
+
     data = sub.add_parser("data", help="self-distillation data")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     dg = dsub.add_parser("generate", help="answer prompts with the base model itself (resumable JSONL)",

@@ -428,6 +428,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train.engines import ExportError, export_for
+
+    try:
+        res = export_for(args.to, args.model, args.out, stride=args.stride, mask_id=args.mask_id,
+                         temperature=args.temperature)
+    except ExportError as e:
+        raise ConfigError(str(e)) from None
+    print(f"wrote {res.out}: {', '.join(res.files)}")
+    for note in res.notes:
+        print(f"  note: {note}")
+    print(f"launch:\n  {res.command}")
+    print(json.dumps({"to": res.target, "out": str(res.out), "command": res.command}))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "prompts":
         return _data_prompts(args)
@@ -653,7 +669,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(ServerConfig(**kw))
 
 
-COMMANDS = {"iar": cmd_iar, "serve": cmd_serve, "eval": cmd_eval, "convert": cmd_convert, "data": cmd_data, "forward-cost": cmd_forward_cost, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {"iar": cmd_iar, "serve": cmd_serve, "eval": cmd_eval, "convert": cmd_convert, "data": cmd_data, "export": cmd_export, "forward-cost": cmd_forward_cost, "generate": cmd_generate, "verify": cmd_verify, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def dispatch(args: argparse.Namespace) -> int:
