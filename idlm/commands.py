@@ -423,8 +423,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     cfg = _dataclass_from_args(ConvertConfig, args)
     res = run_convert(cfg)
-    print(json.dumps({"out": str(res.out_dir), "steps": res.steps, "last_loss": round(res.last_loss, 4),
-                      "log": str(res.log_path)}))
+    if res.is_main:
+        print(json.dumps({"out": str(res.out_dir), "steps": res.steps, "last_loss": round(res.last_loss, 4),
+                          "log": str(res.log_path)}))
     return 0
 
 

@@ -48,6 +48,10 @@ class EngineCollector:
         yield counter("spec_decode_num_drafts", "Verify steps (each checks one run of drafts).", m.verify_steps)
         yield counter("spec_decode_num_draft_tokens", "Draft tokens verified.", sum(m.proposed_at))
         yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", sum(m.accepted_at))
+        yield counter("spec_decode_num_tree_branches", "Draft-tree branches carried by verified windows (--tree).",
+                      m.tree_branches)
+        yield counter("spec_decode_num_tree_hits", "Steps whose next drafts came from a draft-tree branch.",
+                      m.tree_hits)
         per = CounterMetricFamily("idlm:spec_decode_num_accepted_tokens_per_pos",
                                   "Draft tokens accepted, by draft position.", labels=lab + ["position"])
         for j, a in enumerate(m.accepted_at):

@@ -174,6 +174,7 @@ class ConvertResult:
     last_loss: float  # loss of the last step
     log_path: Path  # train_log.jsonl
     history: list[dict] = field(default_factory=list)  # the log records written by this call
+    is_main: bool = True  # rank 0 (the process that reports) when distributed
 
 
 class Trainer:
@@ -394,7 +395,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
-        return ConvertResult(self.out, self.state.step, last, self.out / LOG_FILE, history)
+        return ConvertResult(self.out, self.state.step, last, self.out / LOG_FILE, history, self.dist.is_main)
 
 
 def _adamw(params: list[nn.Parameter], lr: float, weight_decay: float, fused: bool = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def wrap(objective: nn.Module, sharding: Sharding, device: str, bf16: bool) -> n
         register_fsdp_forward_method,
     )
 
+    # Layer.project returns q/k/v views; nothing downstream writes into them in place, which is what FSDP warns of
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.split(":")[0], (torch.distributed.get_world_size(),))
     kw = {"mesh": mesh, "reshard_after_forward": sharding.reshard_after_forward}
     if bf16:  # gather bf16 shards (half the traffic), reduce gradients in fp32
