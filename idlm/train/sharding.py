@@ -91,7 +91,7 @@ def wrap(objective: nn.Module, sharding: Sharding, device: str, bf16: bool) -> n
     kw = {"mesh": mesh, "reshard_after_forward": sharding.reshard_after_forward}
     if bf16:  # gather bf16 shards (half the traffic), reduce gradients in fp32
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if sharding.cpu_offload:
+    if sharding.cpu_offload and not device.startswith("cpu"):  # on a CPU run everything is in CPU memory already
         kw["offload_policy"] = CPUOffloadPolicy()
     for layer in objective.model.layers:
         fully_shard(layer, **kw)
