@@ -34,6 +34,9 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     (["bench", "--modes", "isd", "--tree", "0,x"], "--tree takes a comma list"),
     (["serve", "--tree", "-1"], "--tree must be an integer in 0..7"),
     (["data", "prompts", "--out", "p.jsonl", "--count", "0"], "--count, --batch-size and --max-tokens must be >= 1"),
+    (["convert", "--data", "x.jsonl", "--out", "o", "--sharding", "zero3"], "--sharding must be one of"),
+    (["convert", "--data", "x.jsonl", "--out", "o", "--sharding", "fsdp"], "needs several processes"),
+    (["export", "o", "--to", "vllm", "--model", "/no/such"], "is not an `idlm convert` output folder"),
 ])
 def test_bad_input_one_line_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2

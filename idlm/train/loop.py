@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..config import ConfigError
 from ..model.converted import ADAPTER_FILE
 from ..model.decoder import Decoder
 from ..model.loading import DEFAULT_MODEL, load_model
@@ -253,7 +254,7 @@ class Trainer:
     def load_checkpoint(self) -> None:
         if self.sharding.fsdp != self.sharded_state_path.exists():
             kind = "an FSDP" if self.sharded_state_path.exists() else "a one-file (single-process / DDP)"
-            raise ValueError(f"--resume: {self.out / CHECKPOINT_DIR} holds {kind} checkpoint; resume it with "
+            raise ConfigError(f"--resume: {self.out / CHECKPOINT_DIR} holds {kind} checkpoint; resume it with "
                              "the same --sharding it was written with")
         if self.sharding.fsdp:
             blob = load_sharded(self.out / CHECKPOINT_DIR, self.objective, self.opt, self.cfg.mode == "lora")
@@ -273,7 +274,7 @@ class Trainer:
     def _check_resumable(self, saved: dict) -> None:
         for key in ("mode", "lora_rank", "lora_targets", "model"):
             if saved.get(key) != getattr(self.cfg, key):
-                raise ValueError(f"--resume: the checkpoint has {key}={saved.get(key)!r}, "
+                raise ConfigError(f"--resume: the checkpoint has {key}={saved.get(key)!r}, "
                                  f"this run {getattr(self.cfg, key)!r}")
 
     def export(self) -> Path | None:
@@ -423,7 +424,7 @@ def _adapter_state(folder: str) -> dict[str, torch.Tensor]:
     """The adapter tensors of a ``--mode lora`` output folder (for ``--init-from``)."""
     path = Path(folder) / ADAPTER_FILE
     if not path.is_file():
-        raise ValueError(f"--init-from: {folder} has no {ADAPTER_FILE} (expected an `idlm convert --mode lora` "
+        raise ConfigError(f"--init-from: {folder} has no {ADAPTER_FILE} (expected an `idlm convert --mode lora` "
                          "output folder)")
     return load_file(str(path))
 

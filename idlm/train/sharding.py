@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import ConfigError
+
 SHARDED_DIR = "sharded"  # DCP files of an FSDP checkpoint, under OUT/checkpoint/
 SHARDED_STATE = "state.json"  # TrainState + config of an FSDP checkpoint
 
@@ -51,13 +53,13 @@ def choose_sharding(requested: str, world: int) -> Sharding:
     ZeRO-2 behaviour, ``FSDP_OFFLOAD_PARAMS`` CPU offload), otherwise DDP when there are several processes."""
     if world <= 1:
         if requested in ("fsdp", "fsdp-grad-op"):
-            raise ValueError(f"--sharding {requested} needs several processes: launch with torchrun or "
+            raise ConfigError(f"--sharding {requested} needs several processes: launch with torchrun or "
                              "`accelerate launch` (see examples/accelerate/)")
         return Sharding()
     if requested == "auto" and _env_true("ACCELERATE_USE_FSDP"):
         version = os.environ.get("FSDP_VERSION", "1")
         if version != "2":
-            raise ValueError(f"the accelerate config asks for FSDP version {version}; idlm shards with FSDP2: "
+            raise ConfigError(f"the accelerate config asks for FSDP version {version}; idlm shards with FSDP2: "
                              "set `fsdp_version: 2` (see examples/accelerate/fsdp2_8gpu.yaml)")
         strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "").upper()
         reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
