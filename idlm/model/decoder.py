@@ -256,6 +256,18 @@ class Layer(nn.Module):
                                            enable_gqa=self.cfg.num_kv_heads != self.cfg.num_heads)
         return self.finish(x, o, gate)
 
+    def forward_over(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                     gate: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Training step with an optional K/V prefix ``past`` (concatenated, not written in place, so
+        autograd sees it) and an explicit mask over ``[past ; new]``. Returns the output and this call's own
+        K/V. One method, so a sharded (FSDP) layer is gathered once per call."""
+        q, k, v = self.project(x, cos, sin, gate)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                           enable_gqa=self.cfg.num_kv_heads != self.cfg.num_heads)
+        return self.finish(x, o, gate), (k, v)
+
     def write_pool(self, pool: PagedKV, batch: PagedBatch, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (1, Hkv, T, D) → this layer's pool slots ``batch.write_slots``."""
         n = batch.write_slots.shape[0]

@@ -10,9 +10,9 @@
 
 The second path needs a layer step that takes a K/V prefix *and* an arbitrary mask, which
 ``Decoder.hidden`` does not offer (a ``KVCache`` implies causal attention and is written in place,
-which autograd cannot differentiate through). ``_layer`` composes the layer's own ``project`` and
-``finish`` around an SDPA over ``[past ; new]``; ``tests/train/test_forward.py`` checks it against
-the joint forward.
+which autograd cannot differentiate through): ``Layer.forward_over`` composes the layer's own
+``project`` and ``finish`` around an SDPA over ``[past ; new]``; ``tests/train/test_forward.py``
+checks it against the joint forward.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..model.decoder import Decoder, Layer
+from ..model.decoder import Decoder
 from .batch import TrainBatch
 
 
@@ -56,28 +55,16 @@ def forward_clean_prefix(model: Decoder, batch: TrainBatch) -> Halves:
         cos, sin = _rope(model, pos_0)
         kv = []
         for layer in model.layers:
-            x, k_v = _layer(layer, x, cos, sin, mask_clean, None)
+            x, k_v = layer.forward_over(x, cos, sin, mask_clean, None)
             kv.append(k_v)
         clean = model.norm(x)
     x = model.embed(ids_t)
     cos, sin = _rope(model, pos_t)
     for layer, past in zip(model.layers, kv):
-        x, _ = _layer(layer, x, cos, sin, mask_noisy, gate, past)
+        x, _ = layer.forward_over(x, cos, sin, mask_noisy, gate, past)
     return Halves(model.norm(x), clean)
 
 
 def _rope(model: Decoder, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = model.rope.lookup(positions, model.dtype)
     return cos[:, None], sin[:, None]  # (R, 1, T, D)
-
-
-def _layer(layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-           gate: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None = None
-           ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """``decoder.Layer.forward`` with an optional K/V prefix ``past`` (concatenated, not written in
-    place) and an explicit mask over ``[past ; new]``. Returns the output and this call's own K/V."""
-    q, k, v = layer.project(x, cos, sin, gate)
-    keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                       enable_gqa=layer.cfg.num_kv_heads != layer.cfg.num_heads)
-    return layer.finish(x, o, gate), (k, v)

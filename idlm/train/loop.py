@@ -213,8 +213,8 @@ class Trainer:
             params = add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.target_list, cfg.train_mask_row)
             if cfg.init_from is not None:
                 copy_lora_state(self.model, _adapter_state(cfg.init_from))
-            if self.bf16 and not self.sharding.fsdp:  # the frozen base: cast once, not at every matmul
-                # (FSDP keeps one dtype per unit and gathers bf16 copies through its mixed precision)
+            if self.bf16:  # the frozen base: cast once, not at every matmul (FSDP needs one dtype only
+                # among the trainable parameters, which stay fp32)
                 for p in self.model.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(torch.bfloat16)

@@ -8,8 +8,8 @@ accumulation, the global gradient norm, sharded checkpoints (``torch.distributed
 file per rank, resumable) and gathering the full state on rank 0 for the export.
 
 FSDP units: one per decoder layer, and the objective (embedding, final norm, output head) as the
-root. The LoRA path calls ``Layer.project`` / ``Layer.finish`` instead of ``Layer.forward``, so those
-methods are registered with FSDP too (each gathers the layer's shard on entry).
+root. The LoRA path calls ``Layer.forward_over`` instead of ``Layer.forward``, so that method is
+registered with FSDP too (it gathers the layer's shards on entry).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def wrap(objective: nn.Module, sharding: Sharding, device: str, bf16: bool) -> n
         register_fsdp_forward_method,
     )
 
-    # Layer.project returns q/k/v views; nothing downstream writes into them in place, which is what FSDP warns of
+    # Layer.forward_over returns k/v views; nothing writes into them in place, which is what FSDP warns of
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.split(":")[0], (torch.distributed.get_world_size(),))
     kw = {"mesh": mesh, "reshard_after_forward": sharding.reshard_after_forward}
@@ -97,8 +97,7 @@ def wrap(objective: nn.Module, sharding: Sharding, device: str, bf16: bool) -> n
         kw["offload_policy"] = CPUOffloadPolicy()
     for layer in objective.model.layers:
         fully_shard(layer, **kw)
-        for method in ("project", "finish"):  # the LoRA path's entry points (forward_clean_prefix)
-            register_fsdp_forward_method(layer, method)
+        register_fsdp_forward_method(layer, "forward_over")  # the LoRA path's layer step (forward_clean_prefix)
     fully_shard(objective, **{**kw, "reshard_after_forward": False})  # root: embedding, norm, head
     return objective
 
