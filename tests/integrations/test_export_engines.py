@@ -220,17 +220,19 @@ def test_vllm_serves_the_export_as_a_parallel_drafter_losslessly(qwen3_converted
                 pass
             time.sleep(2)
         client = OpenAI(base_url=url + "/v1", api_key="unused")
-        served = []
+        served, t0 = [], time.perf_counter()
         for p in prompts:
             r = client.completions.create(model=str(qwen3_base), prompt=p, max_tokens=max_tokens, temperature=0,
                                           extra_body={"return_token_ids": True, "ignore_eos": True})
             served.append(list(r.choices[0].model_extra["token_ids"]))
+        seconds = time.perf_counter() - t0
         assert served == plain
         metrics = httpx.get(url + "/metrics", timeout=10).text
         drafts = _metric(metrics, "vllm:spec_decode_num_draft_tokens_total")
         accepted = _metric(metrics, "vllm:spec_decode_num_accepted_tokens_total")
         assert drafts > 0  # the drafter ran
-        print(json.dumps({"draft_tokens": drafts, "accepted": accepted, "acceptance": accepted / drafts}))
+        print(json.dumps({"draft_tokens": drafts, "accepted": accepted, "acceptance": accepted / drafts,
+                          "client_tokens_per_s": round(sum(map(len, served)) / seconds, 1)}))
         time.sleep(11)  # vLLM logs its throughput and SpecDecoding metrics every 10 s
         for line in (tmp_path / "vllm.log").read_text().splitlines():
             if "SpecDecoding metrics" in line or "generation throughput" in line:

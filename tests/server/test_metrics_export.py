@@ -10,7 +10,7 @@ from idlm.server.metrics import ServerMetrics
 
 
 def _value(text: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)
+    m = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
     assert m, f"{name} missing"
     return float(m.group(1))
 
