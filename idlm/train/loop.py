@@ -255,7 +255,7 @@ class Trainer:
         if self.sharding.fsdp != self.sharded_state_path.exists():
             kind = "an FSDP" if self.sharded_state_path.exists() else "a one-file (single-process / DDP)"
             raise ConfigError(f"--resume: {self.out / CHECKPOINT_DIR} holds {kind} checkpoint; resume it with "
-                             "the same --sharding it was written with")
+                              "the same --sharding it was written with")
         if self.sharding.fsdp:
             blob = load_sharded(self.out / CHECKPOINT_DIR, self.objective, self.opt, self.cfg.mode == "lora")
             self._check_resumable(blob["config"])
@@ -275,7 +275,7 @@ class Trainer:
         for key in ("mode", "lora_rank", "lora_targets", "model"):
             if saved.get(key) != getattr(self.cfg, key):
                 raise ConfigError(f"--resume: the checkpoint has {key}={saved.get(key)!r}, "
-                                 f"this run {getattr(self.cfg, key)!r}")
+                                  f"this run {getattr(self.cfg, key)!r}")
 
     def export(self) -> Path | None:
         """Write the converted model (rank 0). Under FSDP every rank takes part in gathering the shards."""
@@ -425,7 +425,7 @@ def _adapter_state(folder: str) -> dict[str, torch.Tensor]:
     path = Path(folder) / ADAPTER_FILE
     if not path.is_file():
         raise ConfigError(f"--init-from: {folder} has no {ADAPTER_FILE} (expected an `idlm convert --mode lora` "
-                         "output folder)")
+                          "output folder)")
     return load_file(str(path))
 
 

@@ -54,13 +54,13 @@ def choose_sharding(requested: str, world: int) -> Sharding:
     if world <= 1:
         if requested in ("fsdp", "fsdp-grad-op"):
             raise ConfigError(f"--sharding {requested} needs several processes: launch with torchrun or "
-                             "`accelerate launch` (see examples/accelerate/)")
+                              "`accelerate launch` (see examples/accelerate/)")
         return Sharding()
     if requested == "auto" and _env_true("ACCELERATE_USE_FSDP"):
         version = os.environ.get("FSDP_VERSION", "1")
         if version != "2":
             raise ConfigError(f"the accelerate config asks for FSDP version {version}; idlm shards with FSDP2: "
-                             "set `fsdp_version: 2` (see examples/accelerate/fsdp2_8gpu.yaml)")
+                              "set `fsdp_version: 2` (see examples/accelerate/fsdp2_8gpu.yaml)")
         strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "").upper()
         reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
         grad_op = reshard in ("false", "0", "no") or strategy in ("SHARD_GRAD_OP", "2")
