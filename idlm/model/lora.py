@@ -222,17 +222,14 @@ def lora_modules(model: Decoder) -> dict[str, GatedLoRAProj]:
 def lora_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
     """Adapter tensors only: ``<module>.lora_A`` / ``.lora_B``, the alpha and, if trained, the MASK row."""
     mods = lora_modules(model)
-    out = {ALPHA_KEY: torch.tensor(next(iter(mods.values())).alpha)} if mods else {}
-    for name, m in mods.items():
-        out[f"{name}.lora_A"] = m.lora_A.detach()
-        out[f"{name}.lora_B"] = m.lora_B.detach()
-    if isinstance(model.embed, MaskEmbedding):
-        out[MASK_ROW_KEY] = model.embed.mask_row.detach()
-    return out
+    if not mods:
+        return {MASK_ROW_KEY: model.embed.mask_row.detach()} if isinstance(model.embed, MaskEmbedding) else {}
+    return lora_state_from(dict(model.named_parameters()), next(iter(mods.values())).alpha)
 
 
 def lora_state_from(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """``lora_state_dict`` from a Decoder state dict (e.g. gathered from FSDP shards) instead of a module."""
+    """The adapter tensors of a Decoder state dict (the module's parameters, or a state gathered from FSDP
+    shards): ``<module>.lora_A`` / ``.lora_B``, the alpha and, if present, the MASK row."""
     out = {ALPHA_KEY: torch.tensor(float(alpha))}
     out.update({k: v.detach() for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))})
     if "embed.mask_row" in state:

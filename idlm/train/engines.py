@@ -30,7 +30,7 @@ import torch
 from ..model.config import QWEN_MASK_TOKEN_ID
 from ..model.converted import META_FILE, ConvertedMeta
 from ..model.loading import resolve_folder
-from .export import TOKENIZER_FILES, save_json, save_safetensors
+from .export import copy_tokenizer_files, save_json, save_safetensors
 
 TARGETS = ("vllm", "sglang-idlm")
 EMBED_KEY = "model.embed_tokens.weight"
@@ -78,7 +78,6 @@ def export_for(target: str, converted: str | Path, out: str | Path, *, stride: i
     dst = Path(out).expanduser()
     if dst.resolve() == src.resolve():
         raise ExportError("the output folder must differ from the converted model's folder")
-    dst.mkdir(parents=True, exist_ok=True)
     conf = json.loads((src / "config.json").read_text())
     if target == "vllm":
         return _vllm(src, dst, conf, meta, n, mask_id)
@@ -97,24 +96,28 @@ def _weights(src: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
-    return copied
+def _write_weights(src: Path, dst: Path, edited: dict[str, torch.Tensor] | None = None) -> None:
+    """``dst/model.safetensors``: ``edited`` when given, else the converted model's weights as they are (a file
+    copy where `idlm convert` wrote one file, which it does)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    if edited is None and (src / "model.safetensors").exists():
+        shutil.copyfile(src / "model.safetensors", dst / "model.safetensors")
+    else:
+        save_safetensors(_weights(src) if edited is None else edited, dst / "model.safetensors")
 
 
 def _vllm(src: Path, dst: Path, conf: dict, meta: ConvertedMeta, n: int, mask_id: int | None) -> EngineExport:
     vocab = int(conf["vocab_size"])
-    sd = _weights(src)
-    embed = sd[EMBED_KEY]
+    base = _base_folder(meta)
+    base_conf = json.loads((Path(base) / "config.json").read_text()) if Path(base).is_dir() else None
+    if base_conf is not None and int(base_conf["vocab_size"]) != vocab:
+        raise ExportError(f"the base model's vocabulary ({base_conf['vocab_size']}) differs from the drafter's "
+                          f"({vocab}); vLLM needs them equal")
     notes = []
     if meta.mask_token_id < vocab:  # MASK already has a row of the vocabulary (Qwen: 151669)
         if mask_id is not None and mask_id != meta.mask_token_id:
             raise ExportError(f"--mask-id: this model's MASK is already vocabulary id {meta.mask_token_id}")
-        mask = meta.mask_token_id
+        mask, edited = meta.mask_token_id, None
         notes.append(f"MASK is vocabulary id {mask}; the drafter may propose it, and the target then rejects it")
     else:  # MASK is an appended row: vLLM needs the draft vocabulary to equal the target's
         if mask_id is None:
@@ -124,22 +127,16 @@ def _vllm(src: Path, dst: Path, conf: dict, meta: ConvertedMeta, n: int, mask_id
                               "row will carry the MASK embedding")
         if not 0 <= mask_id < vocab:
             raise ExportError(f"--mask-id must be in 0..{vocab - 1}, got {mask_id}")
-        mask = mask_id
-        embed = embed[:vocab].clone()
-        embed[mask] = sd[EMBED_KEY][meta.mask_token_id]
-        sd[EMBED_KEY] = embed
+        mask, edited = mask_id, _weights(src)
+        embed = edited[EMBED_KEY][:vocab].clone()
+        embed[mask] = edited[EMBED_KEY][meta.mask_token_id]
+        edited[EMBED_KEY] = embed
         tied = conf.get("tie_word_embeddings", False)
         notes.append(f"token {mask} now reads as MASK to the drafter" + (" (tied embeddings: its output row "
                      "changed too)" if tied else "") + "; drafts around it are weaker, the output is unchanged")
-    conf = {**conf, "mask_token_id": mask}
-    save_safetensors(sd, dst / "model.safetensors")
-    save_json(conf, dst / "config.json")
-    files = ["model.safetensors", "config.json", *_copy_tokenizer(src, dst)]
-    base = _base_folder(meta)
-    base_conf = json.loads((Path(base) / "config.json").read_text()) if Path(base).is_dir() else None
-    if base_conf is not None and int(base_conf["vocab_size"]) != vocab:
-        raise ExportError(f"the base model's vocabulary ({base_conf['vocab_size']}) differs from the drafter's "
-                          f"({vocab}); vLLM needs them equal")
+    _write_weights(src, dst, edited)
+    save_json({**conf, "mask_token_id": mask}, dst / "config.json")
+    files = ["model.safetensors", "config.json", *copy_tokenizer_files(src, dst)]
     spec = {"method": "draft_model", "model": str(dst.resolve()), "num_speculative_tokens": n,
             "parallel_drafting": True}
     command = f"vllm serve {shlex.quote(str(base))} --speculative-config {shlex.quote(json.dumps(spec))}"
@@ -182,14 +179,11 @@ def _sglang(src: Path, dst: Path, conf: dict, meta: ConvertedMeta, n: int, tempe
     if meta.mask_token_id != QWEN_MASK_TOKEN_ID:
         raise ExportError(f"SGLang's IDLMBlockN hard-codes MASK = {QWEN_MASK_TOKEN_ID} (Qwen's <|MASK|>); this "
                           f"model was trained with MASK = {meta.mask_token_id}")
-    if (src / "model.safetensors").exists():
-        shutil.copyfile(src / "model.safetensors", dst / "model.safetensors")
-    else:
-        save_safetensors(_weights(src), dst / "model.safetensors")
+    _write_weights(src, dst)
     save_json(sglang_config(conf, meta.block_size), dst / "config.json")
     yaml_name = f"idlm_blockN{n}_config.yaml"
     (dst / yaml_name).write_text(sglang_algorithm_yaml(n, temperature))
-    files = ["model.safetensors", "config.json", yaml_name, *_copy_tokenizer(src, dst)]
+    files = ["model.safetensors", "config.json", yaml_name, *copy_tokenizer_files(src, dst)]
     command = (f"python -m sglang.launch_server --model-path {shlex.quote(str(dst.resolve()))} --trust-remote-code "
                "--tp-size 1 --dtype bfloat16 --mem-fraction-static 0.85 --max-running-requests 32 "
                "--attention-backend flashinfer --dllm-algorithm IDLMBlockN "

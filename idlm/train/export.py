@@ -65,11 +65,20 @@ def save_converted(model: Decoder, out_dir: str | Path, meta: ConvertedMeta, bas
         sd = model.state_dict() if state is None else state
         save_safetensors(ours_to_hf(sd, model.cfg), out / "model.safetensors")
         save_json(conf, out / "config.json")
-        for name in TOKENIZER_FILES:
-            if (base_folder / name).exists() and base_folder.resolve() != out.resolve():
-                shutil.copyfile(base_folder / name, out / name)
+        if base_folder.resolve() != out.resolve():
+            copy_tokenizer_files(base_folder, out)
     save_json(asdict(meta), out / META_FILE)
     return out
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer (and generation config) files ``src`` has into ``dst``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
 
 
 def ours_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

