@@ -29,6 +29,8 @@ def _setup(args: argparse.Namespace) -> LoadedModel:
     lm = load_model(args.model, dtype=DTYPES[args.dtype], quant=getattr(args, "quant", "none"))
     if lm.quant is not None:
         print(f"idlm: {lm.quant.summary()}", file=sys.stderr)
+    if lm.rowcheck is not None:
+        print(f"idlm: {lm.rowcheck.summary()}", file=sys.stderr)
     if hasattr(args, "quant"):
         args.quant = getattr(lm.model, "quant_mode", "none")  # what auto chose, for the reports
     from .model.native import describe
@@ -137,6 +139,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     params = _sampling(args)
     cfg = _decode_cfg(args, _parse_stride(args.stride))
     lm = _setup(args)
+    from .model.native import cpu_description, describe
+
+    print(f"cpu: {cpu_description()}, {torch.get_num_threads()} threads")
+    print(f"forward: {describe(lm.model)}; dtype {args.dtype}, quant {args.quant}")
+    for r in lm.rowcheck.results if lm.rowcheck is not None else []:
+        print(f"  {r.line()}")
     tok = lm.tokenizer()
     prompts = [encode(tok, p, chat=True) for p in BUILTIN_PROMPTS[: args.prompts]]
     engine = _engine(lm, args, max_running=len(prompts))

@@ -10,7 +10,7 @@ Layout of a step (T tokens in all):
   A group of one request whose blocks are consecutive reads its keys as a slice of the pool;
 * the R-ISD gate is 1 on draft MASK rows only, whichever request they belong to.
 
-Row-stable kernels (``idlm.model.attention``, ``row_stable_linear``) make every row's numbers the same
+Row-stable kernels (``idlm.model.kernels``, the native forward) make every row's numbers the same
 as in the batch-1 decoder, whatever else is in the batch.
 """
 

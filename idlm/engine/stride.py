@@ -43,9 +43,11 @@ SWITCH_HORIZON = 4  # steps over which switching from AR to drafting pays back i
 EXPLORE_EVERY = 64  # after this many AR choices in a row, one step drafts anyway: the only way the correction
 # can learn that windows got cheaper (a row count the engine stops running is never measured again)
 CORRECTION_EMA = 0.2  # weight of the newest step in the learned correction of the calibration
-CALIBRATION_ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
+# every batch-1 window size (2N - 1, with fallback branches 2N - 1 + (N - 1)^2) is measured, larger batches at
+# points linearly interpolated (and extrapolated past 128: a forward's cost is nearly linear in its rows there)
+CALIBRATION_ROWS = (1, 2, 3, 4, 5, 7, 9, 12, 16, 25, 32, 48, 64, 96, 128)
 GATED_ROWS = (4, 16, 64)  # row counts also timed with every row gated (adapter models)
-CALIBRATION_VERSION = 3  # part of the cache key: a change in how the calibration is measured re-measures
+CALIBRATION_VERSION = 4  # part of the cache key: a change in how the calibration is measured re-measures
 
 
 @dataclass

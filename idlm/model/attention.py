@@ -1,15 +1,12 @@
-"""Row-stable attention over a key prefix: the one attention every inference path uses.
+"""Attention over a key prefix on PyTorch's kernels, made as row-stable as they allow, and the masks of
+every inference path.
 
-Greedy output can only be independent of the batch if each query row's attention output is a
-function of that row's query and the keys it may see, and of nothing else: not of how many other
-rows share the call (another request's window, a prefill chunk), not of how many padded keys follow
-its last visible key, not of the memory layout the keys came from (a contiguous cache or a gather
-from a paged pool). CPU kernels do not give that for free: the blocking of a matmul's reduction
-depends on its size, so a plain ``softmax(q kᵀ) v`` over S keys rounds a row differently when S
-or the row count changes (measured here: bf16 beyond ~1.5k keys, fp32 for any row count that is not
-a multiple of 4).
-
-``attend`` fixes every reduction to a shape that does not depend on the call:
+``kernels.attend`` runs idlm's native attention when it is built (fixed order by construction); this
+module is its fallback without a C++ compiler. Greedy output can only be independent of the batch if each
+query row's attention output is a function of that row's query and the keys it may see, and of nothing
+else: not of how many other rows share the call, not of how many padded keys follow its last visible
+key, not of the memory layout the keys came from. ``attend_torch`` fixes every reduction to a shape that
+does not depend on the call as far as PyTorch's kernels allow:
 
 1. keys are padded to a multiple of ``KEY_BLOCK`` (the padding is masked and its values are zero);
 2. scores ``q kᵀ`` reduce over the head dim only (fixed); fp32 row counts are padded to a multiple of 4;
@@ -18,9 +15,8 @@ a multiple of 4).
    partial outputs are summed in fp32 by a pairwise tree over *absolute* block indices, so blocks
    of zeros after a row's last visible key change nothing.
 
-``tests/model/test_attention.py`` checks the invariance with ``torch.equal`` over random ragged
-batches. Bit-identity holds for one CPU and one thread count; other thread counts may round
-differently (still consistently within a run).
+Whether a matmul kernel then rounds a row the same in every row count is the kernel's choice, which
+differs between CPUs: ``rowcheck`` tests it at load, and a failing attention runs query row by row.
 """
 
 from __future__ import annotations
@@ -45,8 +41,8 @@ def _tree_sum(x: torch.Tensor) -> torch.Tensor:
     return x[:, 0]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention, row-stable.
+def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention on PyTorch's kernels (see the module docstring).
 
     q: (Hkv, R, G, T, D) — R sequences, T query rows each, G query heads per K/V head.
     k, v: (Hkv, R, S, D) with S a multiple of KEY_BLOCK (any strides).

@@ -21,41 +21,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from .attention import attend, padded_keys, prefix_window_bias
+from . import kernels, native
+from .attention import padded_keys, prefix_window_bias
 from .config import ModelConfig
 from .rope import RotaryTable, apply_rotary
 
 
-def row_stable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` whose result for a row does not depend on how many rows are in the batch.
-
-    CPU matmul kernels pick their blocking from the row count M, and different blockings round
-    differently, so a one-token AR step and a multi-token ISD window would disagree in the last bit
-    and greedy decoding could flip at near-ties. Measured on this CPU (2 threads): bf16 rows agree
-    bit for bit for every M >= 2 (M = 1 takes a different kernel for some shapes, e.g. 576x1536);
-    fp32 (MKL) rows agree for every M that is a multiple of 4. So in inference rows are padded up to
-    the next stable count; the matmul is memory-bound, so the extra rows are nearly free in bf16.
-    """
-    m = x.numel() // x.shape[-1]
-    quantum = 4 if x.dtype == torch.float32 else 2
-    if m % quantum == 0 or (x.dtype != torch.float32 and m > 1) or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
-    flat = x.reshape(m, -1)
-    pad = flat.new_zeros(quantum - m % quantum, flat.shape[1])
-    out = F.linear(torch.cat([flat, pad]), weight, bias)[:m]
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
 class Proj(nn.Linear):
     """A linear layer whose forward takes an (ignored) per-token gate; LoRA subclasses use it.
-    ``quant`` (a ``quant.QuantLinear``, set by ``quantize_model``) replaces the dense weight."""
+    ``quant`` (a ``quant.QuantLinear``, set by ``quantize_model``) replaces the dense weight. Inference
+    runs ``kernels.linear`` (row-stable); ``by_row`` (set by ``rowcheck`` when this machine's kernel
+    failed the check) computes one row per call."""
+
+    by_row = False
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         quant = self._modules.get("quant")
         if quant is not None:
             return quant(x)
-        return row_stable_linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias, self.by_row)
 
 
 class RMSNorm(nn.Module):
@@ -65,9 +49,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel (fp32 accumulation). Equal to HF's formula in fp32; in bf16 it may round
-        # differently from HF in the last bit, which is why parity is tested in fp32.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # One fused kernel (fp32 accumulation): idlm's in inference, PyTorch's in training. Equal to HF's
+        # formula up to fp32 rounding; in bf16 it may round differently from HF in the last bit, which is
+        # why parity is tested in fp32.
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -119,6 +104,7 @@ class _Attn:
     bias: torch.Tensor | None = None  # cache: (B, T, S) additive mask for ``attend`` (S padded)
     paged: PagedBatch | None = None  # engine forward: pool slots and attention groups
     pool: PagedKV | None = None  # engine forward: the paged K/V tensors
+    by_row: bool = False  # attention one query row per call (``Decoder.attn_by_row``)
 
 
 QUERY_TILE = 256  # a long prefill attends in tiles of this many query rows (row-stable, so exact)
@@ -158,7 +144,7 @@ class PagedBatch:
     native: native.NativeRows | None = None  # set (and groups empty) when the model runs the native forward
 
 
-def _cache_attention(q: torch.Tensor, cache: KVCache, layer: int, bias: torch.Tensor) -> torch.Tensor:
+def _cache_attention(q: torch.Tensor, cache: KVCache, layer: int, bias: torch.Tensor, by_row: bool) -> torch.Tensor:
     """q (B, H, T, D) over the cache's first S slots (bias (B, T, S)) -> (B, T, H*D) (fp32, or the K/V
     dtype for one key block), in tiles of at most QUERY_TILE rows, each over the keys its rows can see."""
     b, h, t, d = q.shape
@@ -170,12 +156,12 @@ def _cache_attention(q: torch.Tensor, cache: KVCache, layer: int, bias: torch.Te
     for lo in range(0, t, QUERY_TILE):
         hi = min(t, lo + QUERY_TILE)
         s = padded_keys(start + hi) if t > QUERY_TILE else bias.shape[2]
-        outs.append(attend(q5[:, :, :, lo:hi], k[:, :, :s], v[:, :, :s], bias[:, lo:hi, :s]))
+        outs.append(kernels.attend(q5[:, :, :, lo:hi], k[:, :, :s], v[:, :, :s], bias[:, lo:hi, :s], by_row))
     o = outs[0] if len(outs) == 1 else torch.cat(outs, 3)  # (Hkv, B, G, T, D)
     return o.permute(1, 3, 0, 2, 4).reshape(b, t, h * d)
 
 
-def _paged_attention(q: torch.Tensor, pool: PagedKV, layer: int, batch: PagedBatch) -> torch.Tensor:
+def _paged_attention(q: torch.Tensor, pool: PagedKV, layer: int, batch: PagedBatch, by_row: bool) -> torch.Tensor:
     """q (1, H, T, D) of a flat batch -> (1, T, H*D) (as ``attend``): each group gathers its keys from the pool."""
     _, h, t, d = q.shape
     hkv = pool.k.shape[1]
@@ -192,7 +178,7 @@ def _paged_attention(q: torch.Tensor, pool: PagedKV, layer: int, batch: PagedBat
             idx, bs = g.key_blocks.reshape(-1), batch.block_size
             k = kl.view(hkv, -1, bs, d).index_select(1, idx).view(hkv, r, s, d)
             v = vl.view(hkv, -1, bs, d).index_select(1, idx).view(hkv, r, s, d)
-        o = attend(qg, k, v, g.bias).permute(1, 3, 0, 2, 4).reshape(r * tg, h * d)
+        o = kernels.attend(qg, k, v, g.bias, by_row).permute(1, 3, 0, 2, 4).reshape(r * tg, h * d)
         if g.dense:
             if r * tg == t:
                 return o[None]
@@ -238,7 +224,7 @@ class Layer(nn.Module):
         """``finish`` for an attention output already laid out as (B, T, H*D)."""
         x = x + self.o(o.to(x.dtype), gate)
         g, u = self.gate_up(self.ln2(x), gate).chunk(2, dim=-1)
-        return x + self.down(F.silu(g) * u, gate)
+        return x + self.down(kernels.silu_mul(g, u), gate)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: _Attn,
                 gate: torch.Tensor | None) -> torch.Tensor:
@@ -246,12 +232,12 @@ class Layer(nn.Module):
         q, k, v = self.project(x, cos, sin, gate)
         if attn.pool is not None:  # engine: write this forward's K/V into the pool, then attend
             self.write_pool(attn.pool, attn.paged, k, v)
-            return self.finish_merged(x, _paged_attention(q, attn.pool, self.index, attn.paged), gate)
+            return self.finish_merged(x, _paged_attention(q, attn.pool, self.index, attn.paged, attn.by_row), gate)
         if attn.cache is not None:
             c, end = attn.cache, attn.start + t
             c.k[self.index, :, :, attn.start:end] = k
             c.v[self.index, :, :, attn.start:end] = v
-            return self.finish_merged(x, _cache_attention(q, c, self.index, attn.bias), gate)
+            return self.finish_merged(x, _cache_attention(q, c, self.index, attn.bias, attn.by_row), gate)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.causal,
                                            enable_gqa=self.cfg.num_kv_heads != self.cfg.num_heads)
         return self.finish(x, o, gate)
@@ -302,6 +288,9 @@ class Decoder(nn.Module):
         self.rope = RotaryTable(cfg)
         self.head_quant: nn.Module | None = None  # quantized output head (``quant.quantize_model``)
         self.quant_mode = "none"
+        # set by ``rowcheck`` when this machine's kernel failed the row-stability check: one row per call
+        self.head_by_row = False
+        self.attn_by_row = False
 
     @property
     def has_adapters(self) -> bool:
@@ -350,7 +339,7 @@ class Decoder(nn.Module):
                 raise RuntimeError("a native batch layout for a model that does not run natively")
             return self._forward_native(plan, input_ids, positions, gate, pool.k, pool.v, batch.write_slots,
                                         batch.native)
-        attn = _Attn(None, 0, None, False, paged=batch, pool=pool)
+        attn = _Attn(None, 0, None, False, paged=batch, pool=pool, by_row=self.attn_by_row)
         return self._run_layers(input_ids[None], positions[None], None if gate is None else gate[None], attn)[0]
 
     # ---- the native forward (idlm/model/native): bf16 inference on the CPU ---------------------------
@@ -434,7 +423,7 @@ class Decoder(nn.Module):
         cache.reserve(s_len - start)  # padded keys are read (and masked), so they must exist
         own = torch.ones(t, t, dtype=torch.bool, device=dev).tril() if window_mask is None else window_mask.to(dev)
         bias = prefix_window_bias(torch.full((b,), start, device=dev), own.expand(b, t, t), s_len)
-        return _Attn(cache, start, None, False, bias=bias)
+        return _Attn(cache, start, None, False, bias=bias, by_row=self.attn_by_row)
 
     def head_weight(self) -> torch.Tensor:
         """(vocab, hidden): never includes an appended MASK row."""
@@ -447,7 +436,10 @@ class Decoder(nn.Module):
         id gets -inf, an appended MASK row is not scored at all."""
         # always a 2-D matmul: a 1-D input takes a gemv path that rounds differently
         flat = hidden.reshape(-1, hidden.shape[-1])
-        y = self.head_quant(flat) if self.head_quant is not None else row_stable_linear(flat, self.head_weight())
+        if self.head_quant is not None:
+            y = kernels.per_row(self.head_quant, flat) if self.head_by_row else self.head_quant(flat)
+        else:
+            y = kernels.linear(flat, self.head_weight(), None, self.head_by_row)
         out = y.float().view(*hidden.shape[:-1], -1)
         if not self.cfg.mask_is_new_row:
             out[..., self.cfg.mask_token_id] = float("-inf")

@@ -40,6 +40,7 @@ class LoadedModel:
     name: str  # what the user asked for
     meta: Any = None  # ConvertedMeta of a converted I-DLM / R-ISD model, None for a plain base model
     quant: Any = None  # quant.QuantReport when loaded with --quant int4 / int8
+    rowcheck: Any = None  # rowcheck.RowCheck: the kernel paths checked at load (CPU)
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -247,7 +248,8 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     """Load a base model (or converted I-DLM) by name: None = embedded default, a folder, a .gguf, a hub id.
     ``quant`` int4 / int8: weight-only quantized projections and head (``quant.quantize_model``; from a
     GGUF's own blocks when the weights came from one); auto: ``quant.auto_quant``. The report is
-    ``LoadedModel.quant``."""
+    ``LoadedModel.quant``. On the CPU every kernel path is then checked for row stability
+    (``rowcheck.check``; ``LoadedModel.rowcheck``)."""
     from .quant import QUANT_CHOICES, auto_quant, quantize_model
 
     if quant not in QUANT_CHOICES:
@@ -261,8 +263,12 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
             raise ModelLoadError(f"--quant {quant} uses PyTorch's CPU kernels; it runs on the CPU only")
         try:
             loaded.quant = quantize_model(loaded.model, quant, gguf)
-        except ValueError as e:  # a mode this machine cannot run (int8 activations without AVX-512 VNNI)
+        except ValueError as e:  # a mode this machine cannot run (int8 activations without the native code)
             raise ModelLoadError(str(e)) from None
+    if device == "cpu":
+        from .rowcheck import check
+
+        loaded.rowcheck = check(loaded.model)
     return loaded
 
 

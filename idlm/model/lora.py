@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import Decoder, Proj, row_stable_linear
+from . import kernels
+from .decoder import Decoder, Proj
 
 LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # every projection of a decoder layer
 MASK_ROW_KEY = "mask_embedding"  # key of the trained MASK row in an adapter state dict
@@ -53,10 +54,10 @@ class GatedLoRAProj(Proj):
         if "quant" in self._modules:
             return self._quant_forward(x, gate)
         if gate is None:
-            return row_stable_linear(x, self.weight, self.bias)
+            return kernels.linear(x, self.weight, self.bias, self.by_row)
         if not torch.is_grad_enabled() and gate_is_binary(gate):
             return self._decode_forward(x, gate)
-        y = row_stable_linear(x, self.weight, self.bias)
+        y = kernels.linear(x, self.weight, self.bias, self.by_row)
         rows = gated_rows(gate)  # (R,) flat indices into B*T
         if rows.numel() == 0:
             return y
@@ -75,9 +76,9 @@ class GatedLoRAProj(Proj):
         ``y += gate · (scale · B (A x))`` on every row. A clean row adds exactly 0, so it stays the
         base model bit for bit; a gated row's delta is the same whatever rows share the batch."""
         fused, fused_bias = self._fused(x.dtype)
-        y_ext = row_stable_linear(x, fused, fused_bias)  # (..., out + rank)
+        y_ext = kernels.linear(x, fused, fused_bias, self.by_row)  # (..., out + rank)
         y, t = y_ext[..., : self.out_features], y_ext[..., self.out_features:]
-        y.addcmul_(row_stable_linear(t, self._scaled_b(x.dtype)), gate.to(x.dtype).view(*x.shape[:-1], 1))
+        y.addcmul_(kernels.linear(t, self._scaled_b(x.dtype), None, self.by_row), gate.to(x.dtype).view(*x.shape[:-1], 1))
         return y
 
     def _quant_forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -92,13 +93,13 @@ class GatedLoRAProj(Proj):
         if y.shape[-1] == n:
             if gate is None:
                 return y
-            t = row_stable_linear(x, self.lora_A.to(x.dtype))
+            t = kernels.linear(x, self.lora_A.to(x.dtype), None, self.by_row)
         else:
             y, t = y[..., :n], y[..., n:]
             if gate is None:
                 return y
         b_quant = self._modules.get("lora_b_quant")
-        delta = b_quant(t) if b_quant is not None else row_stable_linear(t, self._scaled_b(x.dtype))
+        delta = b_quant(t) if b_quant is not None else kernels.linear(t, self._scaled_b(x.dtype), None, self.by_row)
         return y.addcmul_(delta, gate.to(x.dtype).view(*x.shape[:-1], 1))
 
     def _fused(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:

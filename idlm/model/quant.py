@@ -1,26 +1,27 @@
 """Weight-only quantized linear layers for CPU inference: int4 group-wise and int8 per channel.
 
-The kernels are PyTorch's own CPU ops: ``_weight_int4pack_mm_for_cpu`` (4-bit codes in groups of
-``GROUP`` input columns, one bf16 scale and zero per group, w = (q − 8) · scale + zero) and
-``_weight_int8pack_mm`` (int8 codes, one bf16 scale per output row, w = q · scale). Both take bf16
-activations and, measured on this CPU for every row count tried (1..40 and up to 600), give a row
-the same bits whatever the number of rows: the property bit-exact ISD needs (``row_stable_linear``
-pads bf16 rows for the same reason).
+The kernels are idlm's own (``native/wmm.cpp``): 4-bit codes in groups of ``GROUP`` input columns
+(w = q · s + m, fp32 s and m per group) or int8 codes with one fp32 scale per output row, with bf16
+activations (``int4`` / ``int8``) or activations quantized to int8 per row and group of 32 inside the
+kernel (``w4a8`` / ``w8a8``: exact integer dot products). Every row goes through the same operations
+whatever the number of rows, so a row's bits never depend on the batch: the property bit-exact ISD
+needs. Where the native code cannot be built (no C++ compiler), ``int4`` / ``int8`` fall back to
+PyTorch's ``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm`` (bf16 scales), whose row stability
+``rowcheck`` checks at load, and the int8-activation modes are refused.
 
 Where the weights come from:
 
 * GGUF Q4_0 / Q4_1 / Q4_K tensors are packed straight from their blocks under ``int4`` (the 4-bit
-  codes are kept; only the block scale and minimum are rounded to the bf16 the kernel reads). Every
-  other case (Q8_0, Q6_K, ... blocks, or Q4 blocks under ``int8``) is re-quantized from the blocks'
-  exact fp32 values, never from a rounded dense copy: the int8 kernel has one scale per row, not per
-  block. A fused projection may mix types (a Q4_K_M file keeps some attn_v at Q6_K): part by part.
+  codes are kept; the block scale and minimum are exact in fp32). Every other case (Q8_0, Q6_K, ...
+  blocks, or Q4 blocks under ``int8``) is re-quantized from the blocks' exact fp32 values, never from
+  a rounded dense copy: the int8 kernel has one scale per row, not per block. A fused projection may
+  mix types (a Q4_K_M file keeps some attn_v at Q6_K): part by part.
 * dense (safetensors, bf16 / fp32) weights are quantized at load: int4 asymmetric min/max per group
   of 32, int8 symmetric per output row.
 
 A layer a kernel cannot take (int4: input dim not a multiple of the group; int8: not a multiple of
-16, where the kernel returns wrong numbers) stays dense: it is listed in the ``QuantReport``;
-nothing is silently wrong. An output dim not a multiple of 16 is
-padded with zero rows (sliced off after the matmul).
+16) stays dense: it is listed in the ``QuantReport``; nothing is silently wrong. An output dim not a
+multiple of 16 is padded with zero rows (sliced off after the matmul).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..config import QUANT_CHOICES, QUANT_MODES  # noqa: F401 (QUANT_CHOICES re-exported)
 from . import native
+from .kernels import per_row
 
 GROUP = 32  # int4 group size: GGUF's block size, and the smallest the kernel accepts
 _N_ALIGN = 16  # the int4 packer needs the output dim divisible by this
@@ -65,24 +67,27 @@ class QuantLinear(nn.Module):
         bias_dtype = torch.float32 if fmt == "idlm" else COMPUTE_DTYPE
         self.register_buffer("qbias", None if bias is None else bias.to(bias_dtype), persistent=False)
 
+    by_row = False  # set by ``rowcheck`` when this machine's kernel failed the check: one row per call
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features
         flat = x.reshape(-1, k)
         if flat.dtype != COMPUTE_DTYPE:
             flat = flat.to(COMPUTE_DTYPE)
         flat = flat.contiguous()
+        y = per_row(self._matmul, flat) if self.by_row else self._matmul(flat)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, flat: torch.Tensor) -> torch.Tensor:
         if self.fmt == "idlm":
-            y = native.ops().wmm(flat, self.packed, self.scales, self.code, self.out_features, self.qbias)
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            return native.ops().wmm(flat, self.packed, self.scales, self.code, self.out_features, self.qbias)
         if self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales)
             if y.shape[1] != self.out_features:
                 y = y[:, : self.out_features]
         else:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.packed, self.scales)
-        if self.qbias is not None:
-            y = y + self.qbias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.qbias is None else y + self.qbias
 
     def extra_repr(self) -> str:
         acts = ", int8 activations" if self.act == "int8" else ""
@@ -90,12 +95,10 @@ class QuantLinear(nn.Module):
 
 
 def uses_idlm_kernel(act: str = "bf16") -> bool:
-    """True when new quantized layers are packed for idlm's own kernel (``native/wmm.cpp``: AVX-512 BF16,
-    cost nearly flat in the row count, fp32 group scales and minimums), else for PyTorch's. With int8
-    activations: whether idlm's VNNI kernel is there (no fallback exists for it)."""
-    if not native.load():
-        return False
-    return bool(native.ops().vnni_available() if act == "int8" else native.ops().wmm_available())
+    """True when new quantized layers are packed for idlm's own kernels (``native/wmm.cpp``, every CPU the
+    native code builds on), else for PyTorch's (bf16 activations only; int8 activations then have no
+    kernel)."""
+    return native.load()
 
 
 def int4_reference(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -388,8 +391,8 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
         return report
     kind, act = WEIGHTS_AND_ACTS[mode]
     if act == "int8" and not uses_idlm_kernel("int8"):
-        raise ValueError(f"--quant {mode} (int8 activations) needs idlm's native kernels and a CPU with AVX-512 VNNI "
-                         f"and BF16 ({native.why() or 'not available on this CPU'})")
+        raise ValueError(f"--quant {mode} (int8 activations) needs idlm's native kernels "
+                         f"({native.why() or 'not available'})")
     src = _GGUFSource(gguf_path) if gguf_path else None
     cfg = model.cfg
     for i, layer in enumerate(model.layers):
@@ -431,8 +434,8 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
 def auto_quant(gguf_path: str | None, device: str = "cpu") -> str:
     """``--quant auto``: for a GGUF whose projections are all Q4_0 / Q4_1 / Q4_K on the CPU (their codes go
     into the kernel as they are, so nothing is lost beyond the file's own quantization): w4a8 where idlm's
-    VNNI kernel runs (the fastest: activations in int8 per group of 32, as llama.cpp runs such files), else
-    int4; otherwise none (dense weights are not quantized unless asked)."""
+    native kernels run (the fastest: activations in int8 per group of 32, as llama.cpp runs such files),
+    else int4 on PyTorch's kernels; otherwise none (dense weights are not quantized unless asked)."""
     if device != "cpu" or gguf_path is None:
         return "none"
     from gguf import GGUFReader

@@ -45,6 +45,8 @@ def load_into(state: ServerState, server: DrainingServer | None = None) -> None:
         lm = load_model(cfg.model, dtype=DTYPES[cfg.dtype], quant=cfg.quant)
         if lm.quant is not None:
             print(f"idlm: {lm.quant.summary()}", file=sys.stderr, flush=True)
+        if lm.rowcheck is not None:
+            print(f"idlm: {lm.rowcheck.summary()}", file=sys.stderr, flush=True)
         from ..model.native import describe
 
         print(f"idlm: forward: {describe(lm.model)}", file=sys.stderr, flush=True)

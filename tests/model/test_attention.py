@@ -1,7 +1,9 @@
-"""``attend`` is row-stable: a row's output does not depend on what else is in the call.
+"""The Python forward's attention (``kernels.attend``) is row-stable: a row's output does not depend on
+what else is in the call.
 
 This is what makes a request's output independent of its batch, of how its prompt was chunked and
-of where its K/V live. Every check is ``torch.equal`` (bit for bit), in bf16 and fp32.
+of where its K/V live. Every check is ``torch.equal`` (bit for bit), in bf16 and fp32: idlm's native
+attention, and PyTorch's kernels one query row per call (the fallback ``rowcheck`` switches to).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import itertools
 import pytest
 import torch
 
-from idlm.model.attention import KEY_BLOCK, attend, padded_keys, prefix_window_bias
+from idlm.model import kernels, native
+from idlm.model.attention import KEY_BLOCK, attend_torch, padded_keys, prefix_window_bias
 
 from .test_window_exact import _shaped_like_smollm2
 
@@ -19,7 +22,19 @@ DTYPES = [torch.float32, torch.bfloat16]
 IDS = ["fp32", "bf16"]
 
 
-def _one_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+def _attend(impl: str):
+    if impl == "native":
+        if not native.load():
+            pytest.skip(f"native code unavailable: {native.why()}")
+        return lambda q, k, v, bias: kernels.attend(q, k, v, bias)
+
+    def by_row(q, k, v, bias):
+        with kernels.pytorch_kernels():
+            return kernels.attend(q, k, v, bias, by_row=True)
+    return by_row
+
+
+def _one_row(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
     """Row q (Hkv, G, D) alone over keys [0, n), from a fresh buffer with junk after n."""
     hkv, _, d = q.shape
     s = padded_keys(n)
@@ -31,8 +46,11 @@ def _one_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch
     return attend(q[:, None, :, None], kk[:, :, :s], vv[:, :, :s], bias)[:, 0, :, 0]  # strided views
 
 
+@pytest.mark.parametrize("impl", ["native", "pytorch-by-row"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-def test_rows_of_a_ragged_batch_equal_rows_alone(dtype: torch.dtype) -> None:
+@torch.inference_mode()
+def test_rows_of_a_ragged_batch_equal_rows_alone(dtype: torch.dtype, impl: str) -> None:
+    attend = _attend(impl)
     g = torch.Generator().manual_seed(0)
     hkv, grp, d = 3, 3, 64
     checked = 0
@@ -52,10 +70,27 @@ def test_rows_of_a_ragged_batch_equal_rows_alone(dtype: torch.dtype) -> None:
         out = attend(q, k, v, prefix_window_bias(torch.tensor(starts), win, s))
         for i, t in enumerate(rows):
             for row in sorted({0, t // 2, t - 1}):
-                alone = _one_row(q[:, i, :, row], k[:, i], v[:, i], starts[i] + row + 1)
+                alone = _one_row(attend, q[:, i, :, row], k[:, i], v[:, i], starts[i] + row + 1)
                 assert torch.equal(alone, out[:, i, :, row]), f"trial {trial} seq {i} row {row}"
                 checked += 1
     assert checked > 60
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@torch.inference_mode()
+def test_native_attention_matches_pytorch(dtype: torch.dtype) -> None:
+    """Both attentions compute softmax(q kᵀ / √D) v over the visible keys: equal to fp32 rounding."""
+    if not native.load():
+        pytest.skip(f"native code unavailable: {native.why()}")
+    g = torch.Generator().manual_seed(5)
+    hkv, r, grp, t, d = 2, 3, 2, 5, 64
+    s = padded_keys(300)
+    q = torch.randn(hkv, r, grp, t, d, generator=g).to(dtype)
+    k, v = (torch.randn(hkv, r, s, d, generator=g).to(dtype) for _ in range(2))
+    win = torch.ones(r, t, t, dtype=torch.bool).tril()
+    bias = prefix_window_bias(torch.tensor([10, 200, 290]), win, s)
+    ref = attend_torch(q.double(), k.double(), v.double(), bias.double())
+    assert (kernels.attend(q, k, v, bias).double() - ref).abs().max() < 1e-5
 
 
 def test_bias_marks_prefix_window_and_padding() -> None:

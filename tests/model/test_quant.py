@@ -327,10 +327,10 @@ def test_auto_quant_is_w4a8_or_int4_for_a_q4_gguf_on_the_cpu_and_none_otherwise(
 def test_int8_activations_without_the_kernel_are_a_clear_load_error(monkeypatch) -> None:
     from idlm.model import quant
 
-    monkeypatch.setattr(quant, "uses_idlm_kernel", lambda act="bf16": act != "int8")
-    with pytest.raises(ValueError, match="needs idlm's native kernels and a CPU with AVX-512 VNNI"):
+    monkeypatch.setattr(quant, "uses_idlm_kernel", lambda act="bf16": False)  # as without a C++ compiler
+    with pytest.raises(ValueError, match="needs idlm's native kernels"):
         quantize_model(tiny_model().to(torch.bfloat16), "w4a8")
-    with pytest.raises(ModelLoadError, match="AVX-512 VNNI"):
+    with pytest.raises(ModelLoadError, match="needs idlm's native kernels"):
         load_model("base", dtype=torch.bfloat16, quant="w8a8")
 
 

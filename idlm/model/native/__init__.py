@@ -1,15 +1,21 @@
-"""The native CPU forward (``forward.cpp``): a decoder's whole layer stack in one C++ call.
+"""idlm's native CPU code: the kernels every inference matmul and attention runs through, and the
+native forward (``forward.cpp``), a decoder's whole layer stack in one C++ call.
 
-The Python forward costs ~8,000 ATen calls per step; on a small CPU model their overhead is most of
-the step. ``forward.cpp`` keeps PyTorch's own row-stable matmul kernels (int4 / int8 weight-only or a
-dense bf16 linear) and does everything between them in plain per-row loops whose floating-point order
-is fixed, so a row's result never depends on the batch (what lossless ISD needs).
+* ``dense.cpp``: ``linear`` (fp32 / bf16 weights) and ``attend`` (one query row over its visible keys),
+  used by the Python forward and the native one; ``wmm.cpp``: the quantized kernels (int4 / int8
+  weights, bf16 or int8 activations). Every output's reduction order is fixed by the source, so a row's
+  result never depends on how many rows share the call (what lossless ISD needs), on any CPU. The
+  16-lane arithmetic (``simd.h``) is the same on AVX-512, AVX2 and the portable build.
+* ``forward.cpp``: the Python forward costs ~8,000 ATen calls per step, and on a small CPU model their
+  overhead is most of the step. The native forward runs the kernels above and does everything between
+  them in plain per-row loops whose floating-point order is fixed. Used for bf16 inference on the CPU.
 
-It is compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, ~10 s,
-cached under ``$IDLM_CACHE/native``) and used for bf16 inference on the CPU. ``IDLM_NATIVE=0`` turns it
-off; without a compiler, or for fp32, training, or shapes it does not take, the Python forward runs.
-The two forwards are each exact and batch-invariant, but they round differently from each other
-(like two thread counts): one process uses one of them for a model, never a mix.
+It is compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``, ~20 s,
+cached under ``$IDLM_CACHE/native`` per source, compiler flags and CPU) for the machine's own instruction
+set (``-march=native``; ``IDLM_NATIVE_MARCH`` picks another). ``IDLM_NATIVE=0`` turns it off; without a
+compiler the Python forward runs on PyTorch's kernels, which ``idlm.model.rowcheck`` checks at load.
+The native and the Python forward are each exact and batch-invariant, but they round differently from
+each other (like two thread counts): one process uses one of them for a model, never a mix.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(n) for n in ("forward.cpp", "wmm.cpp", "wmm.h")]
+SOURCES = [Path(__file__).with_name(n) for n in ("forward.cpp", "wmm.cpp", "dense.cpp", "wmm.h", "dense.h", "simd.h")]
 def _flags() -> list[str]:
     """Compiler flags. ``IDLM_NATIVE_MARCH`` (default native) sets -march, e.g. x86-64-v3 to build and test the
-    paths for CPUs without AVX-512 on one that has it."""
+    AVX2 paths on a CPU with AVX-512, x86-64-v2 for the portable ones."""
     march = os.environ.get("IDLM_NATIVE_MARCH", "native").strip() or "native"
     return ["-O3", f"-march={march}", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-std=c++17"]
 
@@ -49,6 +55,22 @@ def _cpu_tag() -> str:
     except OSError:
         flags = ""
     return hashlib.sha256(flags.encode()).hexdigest()[:8]
+
+
+_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+             "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_description() -> str:
+    """The CPU model and the instruction-set flags idlm's kernels care about, from /proc/cpuinfo."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown CPU")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    have = [f for f in _FEATURES if f in flags]
+    return f"{model} ({' '.join(have) or 'none of ' + ' '.join(_FEATURES)})"
 
 
 def load() -> bool:
@@ -93,6 +115,11 @@ def _prune(folder: Path, keep: str) -> None:
 
 def why() -> str:
     return str(_state.get("why", ""))
+
+
+def isa() -> str:
+    """The instruction sets the loaded build's kernels use (empty when it is not loaded)."""
+    return str(ops().isa()) if load() else ""
 
 
 def build_tag(model) -> str:
@@ -211,21 +238,18 @@ def _adapters(projs: list) -> list[torch.Tensor]:
 
 # ---- weights -> the plan's tensor list and meta ----------------------------------------------------
 
-_DENSE, _INT4, _INT8 = 0, 1, 2  # Kind in forward.cpp (idlm's kernels: QuantLinear.code, 4 / 8 / 14 / 18)
+_DENSE = 0  # Kind in forward.cpp; quantized layers use their QuantLinear.code (4 / 8 / 14 / 18)
 _NONE = torch.empty(0)
 
 
 def _lin(q=None, w: torch.Tensor | None = None, bias: torch.Tensor | None = None, cols: int = 0):
     """One linear: ([w, scales, bias], [kind, cols]) from a QuantLinear ``q`` or a dense bf16 ``w``."""
     if q is not None:
-        if q.fmt == "idlm":
-            kind = q.code
-        else:
-            kind = _INT4 if q.kind == "int4" else _INT8
+        kind = q.code
         b = q.qbias if q.qbias is not None else _NONE
         return [q.packed, q.scales, b], [kind, q.out_features]
     if w is not None:
-        b = _NONE if bias is None else bias.detach().to(torch.bfloat16).contiguous()
+        b = _NONE if bias is None else bias.detach().float().contiguous()
         return [w.detach().to(torch.bfloat16).contiguous(), _NONE, b], [_DENSE, cols or w.shape[0]]
     return [_NONE, _NONE, _NONE], [-1, 0]
 

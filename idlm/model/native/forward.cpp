@@ -1,9 +1,9 @@
 // idlm native CPU forward: the whole decoder layer stack of one inference forward in one call.
 //
 // Why: the Python forward of a 30-layer model issues ~8,000 ATen calls per token, and on a 2-core CPU
-// their overhead (~15 ms) dwarfs the quantized matmuls (~6 ms). Here the matmuls are still PyTorch's own
-// row-stable kernels (int4 / int8 weight-only, or a dense bf16 linear); everything between them (RMSNorm,
-// RoPE, the K/V write, attention, residuals, SiLU, the gated-LoRA update) is a plain loop over rows.
+// their overhead (~15 ms) dwarfs the quantized matmuls (~6 ms). Here the matmuls are idlm's own kernels
+// (wmm.cpp: int4 / int8 weights; dense.cpp: bf16 weights); everything between them (RMSNorm, RoPE, the K/V
+// write, attention, residuals, SiLU, the gated-LoRA update) is a plain loop over rows.
 //
 // Determinism (what lossless ISD and batch invariance need): every row is computed by the same code
 // whatever else is in the batch.
@@ -14,7 +14,7 @@
 //     keys whatever the batch layout (a paged pool, a contiguous cache, other requests' rows);
 //   * the file is compiled with -ffp-contract=off (no implicit fused multiply-adds) and without
 //     -ffast-math, so the compiler may not reorder any floating-point operation.
-// The matmul kernels are row-stable by measurement (idlm/model/quant.py, decoder.row_stable_linear).
+// The matmul kernels are row-stable by construction too (wmm.cpp, dense.cpp).
 //
 // Layout conventions: activations bf16 (T, hidden) row-major; the K/V pool (layers, Hkv, slots, D) bf16;
 // q is kept in fp32 after RoPE (it never goes through memory as bf16).
@@ -23,11 +23,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "dense.h"
+#include "simd.h"
 #include "wmm.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #include <chrono>
 #include <cmath>
@@ -43,20 +41,9 @@ namespace {
 
 constexpr int L = 16;  // accumulation lanes
 
-inline float bf2f(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f2bf(float f) {  // round to nearest even (NaN kept a NaN)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+using idlm::bf2f;
+using idlm::f2bf;
+using idlm::tree16;
 
 // exp(x) in float, ~1 ulp, branch-free so loops over it vectorize. Same bits for the same x always.
 inline float exp_f(float x) {
@@ -83,21 +70,6 @@ inline float exp_f(float x) {
   float s;
   std::memcpy(&s, &sb, 4);
   return p * s;
-}
-
-inline float tree16(const float* a) {  // fixed pairwise sum of 16 lanes
-  float b[8], c[4];
-  for (int i = 0; i < 8; ++i) b[i] = a[i] + a[i + 8];
-  for (int i = 0; i < 4; ++i) c[i] = b[i] + b[i + 4];
-  return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
-// sum_i a[i] * b[i], n a multiple of 16
-inline float dot_ff(const float* a, const float* b, int64_t n) {
-  float acc[L] = {0};
-  for (int64_t i = 0; i < n; i += L)
-    for (int l = 0; l < L; ++l) acc[l] = std::fmaf(a[i + l], b[i + l], acc[l]);
-  return tree16(acc);
 }
 
 // sum of squares of n bf16 values (any n: the tail goes to lanes by index)
@@ -127,36 +99,22 @@ inline uint16_t* bfm(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_
 
 // ---- linear layers --------------------------------------------------------------------------------
 
-// DENSE: at::linear; INT4 / INT8: PyTorch's weight-only kernels; WMM4 / WMM8: idlm's (wmm.cpp)
-enum Kind : int64_t { DENSE = 0, INT4 = 1, INT8 = 2, WMM4 = 4, WMM8 = 8, WMM4A8 = 14, WMM8A8 = 18 };
+// DENSE: idlm::linear (dense.cpp, bf16 weights); WMM*: idlm's quantized kernels (wmm.cpp)
+enum Kind : int64_t { DENSE = 0, WMM4 = 4, WMM8 = 8, WMM4A8 = 14, WMM8A8 = 18 };
 
 struct Lin {
   int64_t kind = -1;  // -1: absent
-  at::Tensor w, scales, bias;  // dense: w (N, K) bf16; int4: packed, scales_and_zeros; int8: packed, scales
-  int64_t cols = 0;  // output columns used (the int4 kernel pads its output to 16)
+  at::Tensor w, scales, bias;  // dense: w (N, K) bf16, bias fp32; quantized: packed codes, params, fp32 bias
+  int64_t cols = 0;  // output columns
   bool present() const { return kind >= 0; }
 
-  // x (M, K) bf16 contiguous -> (M, >= cols) bf16; the first `cols` columns are the result
-  // only the first `upto` columns are needed (idlm's kernels then skip the others; -1: all)
+  // x (M, K) bf16 contiguous -> (M, n) bf16 with n = cols, or only the first `upto` columns (idlm's
+  // quantized kernels then skip the others; -1: all)
   at::Tensor operator()(const at::Tensor& x, int64_t upto = -1) const {
-    if (kind == WMM4 || kind == WMM8 || kind == WMM4A8 || kind == WMM8A8) {
-      const int64_t n = upto < 0 ? cols : std::min(upto, cols);
-      return idlm::wmm(x, w, scales, kind, n, bias.defined() && n != cols ? bias.narrow(0, 0, n) : bias);
-    }
-    at::Tensor y;
-    if (kind == INT4) {
-      y = at::_weight_int4pack_mm_for_cpu(x, w, 32, scales);
-    } else if (kind == INT8) {
-      y = at::_weight_int8pack_mm(x, w, scales);
-    } else {  // dense bf16: one row takes another kernel than two or more (decoder.row_stable_linear)
-      if (x.size(0) == 1) {
-        y = at::linear(at::cat({x, at::zeros_like(x)}), w).narrow(0, 0, 1);
-      } else {
-        y = at::linear(x, w);
-      }
-    }
-    if (bias.defined()) y = y.narrow(1, 0, cols).add(bias);
-    return y.size(1) == cols ? y : y.narrow(1, 0, cols).contiguous();
+    const int64_t n = upto < 0 ? cols : std::min(upto, cols);
+    const at::Tensor b = bias.defined() && n != cols ? bias.narrow(0, 0, n) : bias;
+    if (kind == DENSE) return idlm::linear(x, n == cols ? w : w.narrow(0, 0, n), b);
+    return idlm::wmm(x, w, scales, kind, n, b);
   }
 };
 
@@ -522,44 +480,129 @@ void attend_group(int64_t t0, int64_t t1, int64_t hh, const float* qf, int64_t H
 }
 #else
 #define IDLM_ATTN 0
-void attend_row_head(const float* q, int64_t G, int64_t D, const int64_t* keys, int64_t n,
-                     const uint16_t* kbase, const uint16_t* vbase, int64_t s_stride,
-                     uint16_t* out, std::vector<float>& scratch) {
-  // scratch: scores (G * n), then G * D accumulators, then D converted values
-  scratch.resize(static_cast<size_t>(G * n + G * D + D));
-  float* sc = scratch.data();
-  float* acc = sc + G * n;
-  float* buf = acc + G * D;
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* kp = kbase + keys[j] * s_stride;
-    for (int64_t d = 0; d < D; ++d) buf[d] = bf2f(kp[d]);
-    for (int64_t g = 0; g < G; ++g) sc[g * n + j] = dot_ff(q + g * D, buf, D);
-  }
-  float inv[64];
-  for (int64_t g = 0; g < G; ++g) {
-    float* s = sc + g * n;
-    float m = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
-    float lanes[L] = {0};
-    for (int64_t j = 0; j < n; ++j) {
-      float e = exp_f(s[j] - m);
-      s[j] = e;
-      lanes[j % L] += e;
+// The same structure with simd.h's V16 arithmetic (AVX2, portable; the same bits on both):
+//   score(q, k) = sum_d q_d k_d, one fma per dimension in order (lanes are 16 keys of a tile);
+//   softmax over the row's keys in logical order (max, vexp, sum in 16 lanes by key index, tree16);
+//   out = sum_j p_j v_j in logical key order (fma per dimension), times 1 / sum.
+using idlm::V16;
+
+struct AttnScratch {
+  std::vector<float> scores, tile, inv;
+  std::vector<const float*> qs;
+  std::vector<float*> so, at;
+};
+
+// scores of up to 16 keys (slots ks, n <= 16) against nq fp32 queries (D each), written to out[qi] + 0..n-1
+inline void score_tile(const int64_t* ks, int64_t n, const uint16_t* kbase, int64_t s_stride, int64_t D,
+                       const float* const* qs, int64_t nq, float* const* out, AttnScratch& sc) {
+  sc.tile.resize(static_cast<size_t>(D * 16));
+  float* tile = sc.tile.data();  // tile[d * 16 + l] = k_l[d]
+  for (int64_t l = 0; l < 16; ++l) {
+    if (l < n) {
+      const uint16_t* kp = kbase + ks[l] * s_stride;
+      for (int64_t d = 0; d < D; ++d) tile[d * 16 + l] = bf2f(kp[d]);
+    } else {
+      for (int64_t d = 0; d < D; ++d) tile[d * 16 + l] = 0.0f;
     }
-    inv[g] = 1.0f / tree16(lanes);
   }
-  std::fill(acc, acc + G * D, 0.0f);
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* vp = vbase + keys[j] * s_stride;
-    for (int64_t d = 0; d < D; ++d) buf[d] = bf2f(vp[d]);
+  int64_t qi = 0;
+  for (; qi + 2 <= nq; qi += 2) {  // two queries at a time: independent chains
+    const float* q0 = qs[qi];
+    const float* q1 = qs[qi + 1];
+    V16 a0 = idlm::vzero(), a1 = idlm::vzero();
+    for (int64_t d = 0; d < D; ++d) {
+      const V16 kd = idlm::vload(tile + d * 16);
+      a0 = idlm::vfma(idlm::vset1(q0[d]), kd, a0);
+      a1 = idlm::vfma(idlm::vset1(q1[d]), kd, a1);
+    }
+    idlm::Lanes l0(a0), l1(a1);
+    std::memcpy(out[qi], l0.f, n * sizeof(float));
+    std::memcpy(out[qi + 1], l1.f, n * sizeof(float));
+  }
+  for (; qi < nq; ++qi) {
+    const float* q0 = qs[qi];
+    V16 a0 = idlm::vzero();
+    for (int64_t d = 0; d < D; ++d) a0 = idlm::vfma(idlm::vset1(q0[d]), idlm::vload(tile + d * 16), a0);
+    idlm::Lanes l0(a0);
+    std::memcpy(out[qi], l0.f, n * sizeof(float));
+  }
+}
+
+// softmax of n scores in place; returns 1 / sum
+inline float softmax_row(float* s, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  V16 sum = idlm::vzero();
+  alignas(64) float t[16];
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t c = std::min<int64_t>(16, n - j);
+    for (int64_t i = 0; i < 16; ++i) t[i] = i < c ? s[j + i] - mx : 0.0f;
+    idlm::Lanes e(idlm::vexp(idlm::vload(t)));
+    for (int64_t i = c; i < 16; ++i) e.f[i] = 0.0f;  // lanes past the last key add nothing
+    std::memcpy(s + j, e.f, c * sizeof(float));
+    sum = idlm::vadd(sum, idlm::vload(e.f));
+  }
+  return 1.0f / idlm::vsum(sum);
+}
+
+// rows t0..t1-1 of one sequence (their key lists keys + koff[t]), K/V head hh
+void attend_group(int64_t t0, int64_t t1, int64_t hh, const float* qf, int64_t H, int64_t G, int64_t D,
+                  const int64_t* keys, const int64_t* koff, int64_t common, const uint16_t* kbase,
+                  const uint16_t* vbase, int64_t s_stride, uint16_t* attn, AttnScratch& sc) {
+  const int64_t R = t1 - t0, NQ = R * G, C = D / 16;
+  sc.qs.resize(NQ);
+  sc.so.resize(NQ);
+  sc.at.resize(NQ);
+  sc.inv.resize(NQ);
+  int64_t total = 0;
+  for (int64_t r = 0; r < R; ++r) total += G * (koff[t0 + r + 1] - koff[t0 + r]);
+  sc.scores.resize(static_cast<size_t>(total + 16));
+  float* sbase = sc.scores.data();
+  for (int64_t r = 0, off = 0; r < R; ++r) {
+    const int64_t n = koff[t0 + r + 1] - koff[t0 + r];
     for (int64_t g = 0; g < G; ++g) {
-      const float pj = sc[g * n + j];
-      float* a = acc + g * D;
-      for (int64_t d = 0; d < D; ++d) a[d] = std::fmaf(pj, buf[d], a[d]);
+      sc.qs[r * G + g] = qf + (t0 + r) * H * D + (hh * G + g) * D;
+      sc.so[r * G + g] = sbase + off;
+      off += n;
     }
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) out[g * D + d] = f2bf(acc[g * D + d] * inv[g]);
+  const int64_t* k0 = keys + koff[t0];
+  for (int64_t j = 0; j < common; j += 16) {  // the common prefix: tiles shared by every query
+    for (int64_t qi = 0; qi < NQ; ++qi) sc.at[qi] = sc.so[qi] + j;
+    score_tile(k0 + j, std::min<int64_t>(16, common - j), kbase, s_stride, D, sc.qs.data(), NQ, sc.at.data(), sc);
+  }
+  for (int64_t r = 0; r < R; ++r) {  // each row's own keys past the common prefix
+    const int64_t n = koff[t0 + r + 1] - koff[t0 + r];
+    const int64_t* kr = keys + koff[t0 + r];
+    for (int64_t j = common; j < n; j += 16) {
+      for (int64_t g = 0; g < G; ++g) sc.at[r * G + g] = sc.so[r * G + g] + j;
+      score_tile(kr + j, std::min<int64_t>(16, n - j), kbase, s_stride, D, sc.qs.data() + r * G, G,
+                 sc.at.data() + r * G, sc);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = koff[t0 + r + 1] - koff[t0 + r];
+    for (int64_t g = 0; g < G; ++g) sc.inv[r * G + g] = softmax_row(sc.so[r * G + g], n);
+  }
+  V16 acc[64];  // D <= 1024
+  for (int64_t qi = 0; qi < NQ; ++qi) {
+    const int64_t r = qi / G, g = qi % G;
+    const int64_t n = koff[t0 + r + 1] - koff[t0 + r];
+    const int64_t* kr = keys + koff[t0 + r];
+    const float* p = sc.so[qi];
+    for (int64_t c = 0; c < C; ++c) acc[c] = idlm::vzero();
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* vp = vbase + kr[j] * s_stride;
+      const V16 pj = idlm::vset1(p[j]);
+      for (int64_t c = 0; c < C; ++c) acc[c] = idlm::vfma(pj, idlm::vload_bf(vp + 16 * c), acc[c]);
+    }
+    uint16_t* out = attn + (t0 + r) * H * D + (hh * G + g) * D;
+    const V16 iv = idlm::vset1(sc.inv[qi]);
+    for (int64_t c = 0; c < C; ++c) {
+      idlm::Lanes l(idlm::vmul(acc[c], iv));
+      for (int i = 0; i < 16; ++i) out[16 * c + i] = f2bf(l.f[i]);
+    }
+  }
 }
 #endif
 
@@ -724,7 +767,6 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
     });
     clk.lap(S_ROPE);
     uint16_t* ap = bfm(attn);
-#if IDLM_ATTN
     // attention: one work item per (rows of a sequence, kv head); padding rows stay zero
     at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t a, int64_t b) {
       thread_local AttnScratch scratch;
@@ -734,20 +776,6 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
                      vl + gr.hh * sH, sS, ap, scratch);
       }
     });
-#else
-    // attention: one work item per (row, kv head)
-    at::parallel_for(0, T * Hkv, 1, [&](int64_t a, int64_t b) {
-      std::vector<float> scratch;
-      for (int64_t it = a; it < b; ++it) {
-        const int64_t t = it / Hkv, hh = it % Hkv;
-        uint16_t* out = ap + t * H * D + hh * G * D;
-        const int64_t n = koff[t + 1] - koff[t];
-        if (rseq[t] < 0 || n == 0) continue;
-        attend_row_head(qfp + t * H * D + hh * G * D, G, D, keys.data() + koff[t], n, kl + hh * sH, vl + hh * sH,
-                        sS, out, scratch);
-      }
-    });
-#endif
     clk.lap(S_ATTN);
     at::Tensor o = lw.o(attn, gated);  // (T, >= hidden)
     clk.lap(S_O);
@@ -811,8 +839,19 @@ std::vector<double> profile_op() {
 
 std::string profile_names_op() { return kStageNames; }
 
-bool wmm_available_op() { return idlm::wmm_available(); }
-bool vnni_available_op() { return idlm::vnni_available(); }
+std::string isa_op() { return std::string("dense: ") + idlm::simd_isa() + ", " + idlm::wmm_isa(); }
+
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  return idlm::linear(x, w, bias);
+}
+
+at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& w, double eps) { return idlm::rms_norm(x, w, eps); }
+at::Tensor silu_mul_op(const at::Tensor& g, const at::Tensor& u) { return idlm::silu_mul(g, u); }
+
+at::Tensor attend_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, int64_t R,
+                     int64_t G) {
+  return idlm::attend(q, k, v, bias, R, G);
+}
 
 at::Tensor wmm_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& params, int64_t kind, int64_t n,
                   const c10::optional<at::Tensor>& bias) {
@@ -831,8 +870,11 @@ std::tuple<at::Tensor, at::Tensor> int8_pack_op(const at::Tensor& codes, const a
 TORCH_LIBRARY(idlm_native, m) {
   m.def("profile() -> float[]", profile_op);
   m.def("profile_names() -> str", profile_names_op);
-  m.def("wmm_available() -> bool", wmm_available_op);
-  m.def("vnni_available() -> bool", vnni_available_op);
+  m.def("isa() -> str", isa_op);
+  m.def("linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor", linear_op);
+  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor bias, int R, int G) -> Tensor", attend_op);
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", rms_norm_op);
+  m.def("silu_mul(Tensor g, Tensor u) -> Tensor", silu_mul_op);
   m.def("wmm(Tensor x, Tensor packed, Tensor params, int kind, int n, Tensor? bias=None) -> Tensor", wmm_op);
   m.def("int4_pack(Tensor codes, Tensor scale, Tensor minimum, bool a8=False) -> (Tensor, Tensor)", int4_pack_op);
   m.def("int8_pack(Tensor codes, Tensor scale, bool a8=False) -> (Tensor, Tensor)", int8_pack_op);

@@ -3,12 +3,13 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 
 namespace idlm {
 
-bool wmm_available();
-bool vnni_available();
+// which instruction sets this build's kernels use, e.g. "bf16 activations: avx2, int8 activations: avx2"
+std::string wmm_isa();
 // a8: the layout of the int8-activation kernels (kind 14 / 18)
 std::tuple<at::Tensor, at::Tensor> int4_pack(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minimum,
                                              bool a8);
