@@ -37,12 +37,16 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default: str | None, dtype
                    help=f"weight/activation dtype (default {dtype_note or dtype_default}); greedy ISD reproduces "
                         "greedy AR bit for bit in both (see README)")
     p.add_argument("--quant", choices=QUANT_CHOICES, default=QUANT_DEFAULT,
-                   help="quantization for the CPU (idlm's AVX-512 kernels, else PyTorch's): int4 (groups of 32; a "
-                        "GGUF's Q4_0/Q4_1/Q4_K blocks packed as they are) or int8 (per row) weights with bf16 "
-                        "activations; w4a8 / w8a8: the same weights with activations in int8 per group of 32 "
-                        "(as llama.cpp runs a Q4 GGUF; needs AVX-512 VNNI); none = the dense --dtype weights; "
-                        "auto = w4a8 (else int4) for a GGUF with Q4 blocks on the CPU, else none "
+                   help="quantization for the CPU (idlm's kernels; PyTorch's where no C++ compiler is found): "
+                        "int4 (groups of 32; a GGUF's Q4_0/Q4_1/Q4_K blocks packed as they are) or int8 (per row) "
+                        "weights with bf16 activations; w4a8 / w8a8: the same weights with activations in int8 per "
+                        "group of 32 (as llama.cpp runs a Q4 GGUF; needs idlm's kernels); none = the dense --dtype "
+                        "weights; auto = w4a8 (else int4) for a GGUF with Q4 blocks on the CPU, else none "
                         f"(default {QUANT_DEFAULT}); greedy ISD == greedy AR of the same network in each")
+    p.add_argument("--draft-vocab", default="auto", metavar="auto|full|K",
+                   help="tokens a MASK row may propose: K = the K most frequent in the drafter's training data "
+                        "(the model folder's draft_vocab.json, from `idlm data vocab`), full = all; auto (default) = "
+                        "the file's measured K, or all without a file. Drafts only: the output never changes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 
 
@@ -225,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "skipping prompts already done). Sources: gsm8k (train split), builtin, or "
                                      "JSONL files of {\"prompt\"} / {\"messages\"}.")
     _add_dataclass_args(dg, DataGenConfig, required=("prompts", "out"))
+    dv = dsub.add_parser("vocab", help="rank the tokens of self-distillation data: a draft vocabulary (draft_vocab.json)",
+                         description="Count the response tokens of JSONL training data (as `idlm data generate` writes "
+                                     "it) and write draft_vocab.json: token ids by frequency and the default K that "
+                                     "--draft-vocab auto uses. Put it in a converted model's or adapter's folder.")
+    dv.add_argument("data", nargs="+", help="JSONL files (prompt_ids/response_ids, or text records with --model)")
+    dv.add_argument("--out", required=True, help="output file (name it draft_vocab.json inside the model folder)")
+    dv.add_argument("--default-k", type=int, default=4096, help="K for --draft-vocab auto (default 4096)")
+    dv.add_argument("--model", default=None, help="tokenizer for text records (default: the embedded base)")
     dp = dsub.add_parser("prompts", help="varied user prompts sampled from the base model itself (Magpie; resumable)",
                          description="Feed the chat template up to an open user turn to the base model and keep "
                                      "what it writes as prompts (JSONL {\"prompt\"}, a source for `idlm data generate`). "
@@ -325,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "otherwise. SIGTERM drains in-flight requests, then exits 0.")
     d0 = ServerConfig()
     for name, kind in (("model", str), ("host", str), ("port", int), ("stride", str), ("mode", str), ("tree", int),
-                       ("dtype", str), ("quant", str), ("api_key", str), ("max_running", int), ("max_queue", int),
+                       ("dtype", str), ("quant", str), ("draft_vocab", str), ("api_key", str), ("max_running", int),
+                       ("max_queue", int),
                        ("kv_cache_gb", _float), ("max_batched_tokens", int), ("max_model_len", int),
                        ("served_model_name", str), ("shutdown_timeout", _float), ("max_body_bytes", int),
                        ("threads", int)):

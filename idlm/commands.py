@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import QUANT_CHOICES, ConfigError, DecodeConfig, SamplingParams
+from .config import QUANT_CHOICES, ConfigError, DecodeConfig, SamplingParams, parse_draft_vocab
 from .model import LoadedModel, ModelLoadError, UnsupportedModelError, load_model
 
 USER_ERRORS = (ConfigError, ModelLoadError, UnsupportedModelError, FileNotFoundError)
@@ -26,7 +26,8 @@ def _setup(args: argparse.Namespace) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    lm = load_model(args.model, dtype=DTYPES[args.dtype], quant=getattr(args, "quant", "none"))
+    vocab = parse_draft_vocab(str(getattr(args, "draft_vocab", "auto")))
+    lm = load_model(args.model, dtype=DTYPES[args.dtype], quant=getattr(args, "quant", "none"), draft_vocab=vocab)
     if lm.quant is not None:
         print(f"idlm: {lm.quant.summary()}", file=sys.stderr)
     if lm.rowcheck is not None:
@@ -405,9 +406,13 @@ def cmd_forward_cost(args: argparse.Namespace) -> int:
     rows = forward_cost(lm, args.prefix, windows, args.reps)
     print(f"prefix {args.prefix} tokens, dtype {args.dtype}, quant {args.quant}, {torch.get_num_threads()} threads, "
           f"median of {args.reps}")
-    print(f"{'window':>7}{'ms':>9}{'vs 1':>7}")
+    isd = "isd_ms" in rows[0]
+    print(f"{'window':>7}{'ms':>9}{'vs 1':>7}" + (f"{'as ISD ms':>11}{'drafter':>9}" if isd else ""))
     for r in rows:
-        print(f"{r['window']:>7}{r['ms']:>9.2f}{r['ratio_vs_1']:>7.2f}")
+        print(f"{r['window']:>7}{r['ms']:>9.2f}{r['ratio_vs_1']:>7.2f}"
+              + (f"{r['isd_ms']:>11.2f}{r['drafter_share']:>9.0%}" if isd else ""))
+    if isd:
+        print("as ISD: the last w // 2 rows are MASK rows (adapter on, draft vocabulary); drafter = its share")
     print(json.dumps({"prefix": args.prefix, "dtype": args.dtype, "quant": args.quant, "results": rows}))
     return 0
 
@@ -456,12 +461,37 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "prompts":
         return _data_prompts(args)
+    if args.data_command == "vocab":
+        return _data_vocab(args)
     from .train.config import DataGenConfig
     from .train.data import run_data_generate
 
     cfg = _dataclass_from_args(DataGenConfig, args)
     res = run_data_generate(cfg)
     print(f"{res.out_path}: {res.generated} new records, {res.skipped} already there, {res.response_tokens} tokens")
+    return 0
+
+
+def _data_vocab(args: argparse.Namespace) -> int:
+    from .model.draftvocab import count_tokens, write_ranking
+    from .train.data import LazyTokenizer, load_samples
+
+    if args.default_k < 1:
+        raise ConfigError("--default-k must be >= 1", "default_k")
+    from types import SimpleNamespace
+
+    from .model.loading import DEFAULT_MODEL, resolve_folder
+
+    def tokenizer():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(resolve_folder(args.model or DEFAULT_MODEL)))
+
+    samples = load_samples(args.data, LazyTokenizer(SimpleNamespace(tokenizer=tokenizer)))
+    counts = count_tokens(s.response_ids for s in samples)
+    meta = write_ranking(Path(args.out), counts, args.default_k, [str(Path(p).name) for p in args.data])
+    print(f"{args.out}: {meta['distinct']} distinct tokens of {meta['tokens_counted']} in {len(samples)} responses; "
+          f"the {meta['default_k']} most frequent cover {meta['coverage_at_default_k']:.2%}")
     return 0
 
 

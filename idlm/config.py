@@ -158,6 +158,7 @@ class ServerConfig:
     tree: int = 0  # ISD draft trees: at most K extra branches per window from the drafter's second choices (0 = off)
     dtype: str = "bf16"  # fp32 or bf16
     quant: str = QUANT_DEFAULT  # weight-only quantization: auto, none, int8 or int4 (CPU kernels; see README)
+    draft_vocab: str = "auto"  # tokens MASK rows may propose: auto (the model's draft_vocab.json), full, or a count K
     api_key: str | None = None  # require 'Authorization: Bearer KEY' on /v1/*, /metrics and the tokenizer routes
     # (default: $IDLM_API_KEY; none = open)
     max_running: int = 16  # requests decoding at once
@@ -182,3 +183,17 @@ class ServerConfig:
             raise ConfigError("--max-queue and --shutdown-timeout must be >= 0", "max_queue")
         if self.api_key == "":
             raise ConfigError("--api-key is empty", "api_key")
+        parse_draft_vocab(str(self.draft_vocab))
+
+
+def parse_draft_vocab(text: str) -> str | int:
+    """``--draft-vocab`` text -> "auto", "full" or a token count K >= 1 (0 means full)."""
+    if text in ("auto", "full"):
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise ConfigError(f"--draft-vocab takes auto, full or a token count, got {text!r}", "draft_vocab") from None
+    if k < 0:
+        raise ConfigError(f"--draft-vocab must be >= 0, got {k}", "draft_vocab")
+    return "full" if k == 0 else k

@@ -37,6 +37,12 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     (["convert", "--data", "x.jsonl", "--out", "o", "--sharding", "zero3"], "--sharding must be one of"),
     (["convert", "--data", "x.jsonl", "--out", "o", "--sharding", "fsdp"], "needs several processes"),
     (["export", "o", "--to", "vllm", "--model", "/no/such"], "is not an `idlm convert` output folder"),
+    (["generate", "--prompt", "hi", "--draft-vocab", "-3"], "--draft-vocab must be >= 0"),
+    (["generate", "--prompt", "hi", "--draft-vocab", "lots"], "--draft-vocab takes auto, full or a token count"),
+    (["serve", "--draft-vocab", "x"], "--draft-vocab takes auto, full or a token count"),
+    (["generate", "--prompt", "hi", "--model", "smollm2-135m-instruct", "--draft-vocab", "100"],
+     "has no draft_vocab.json"),
+    (["data", "vocab", "/no/such.jsonl", "--out", "v.json", "--default-k", "0"], "--default-k must be >= 1"),
 ])
 def test_bad_input_one_line_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2

@@ -357,7 +357,8 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
         start = cache.length
         hidden = model.hidden(torch.tensor(win.ids), start + torch.tensor(win.offsets), cache,
                               gate=win.gate() if gated else None, window_mask=win.mask)[0]
-        logits = model.logits(hidden[: win.used])
+        drafts = torch.tensor(win.ids[: win.used]) == mask if model.draft_vocab is not None else None
+        logits = model.logits(hidden[: win.used], drafts)
         main, fb = win.split(logits)
         stats.forwards += 1
         step = isd_step(main, state, n_drafts, params, cfg.sampling_mode, gen, fb, noise, len(stop.tokens),

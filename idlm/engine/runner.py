@@ -77,7 +77,9 @@ class ModelRunner:
         gate_t = self._t(gate + [0.0] * pad, torch.float32) if self.gated and any(gate) else None
         t1 = time.perf_counter()
         hidden = self.model.hidden_paged(self._t(ids), self._t(pos), self.pool, batch, gate_t)
-        logits = self.model.logits(hidden[self._t(read)]) if read else hidden.new_empty(0, 0)
+        mask_id = self.model.cfg.mask_token_id
+        drafts = self._t([ids[r] == mask_id for r in read], torch.bool) if self.model.draft_vocab is not None else None
+        logits = self.model.logits(hidden[self._t(read)], drafts) if read else hidden.new_empty(0, 0)
         logits = logits.cpu()  # decoding (sampling, verification) is host-side, one copy per step
         t2 = time.perf_counter()
         out, k = [], 0

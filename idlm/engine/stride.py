@@ -47,7 +47,7 @@ CORRECTION_EMA = 0.2  # weight of the newest step in the learned correction of t
 # points linearly interpolated (and extrapolated past 128: a forward's cost is nearly linear in its rows there)
 CALIBRATION_ROWS = (1, 2, 3, 4, 5, 7, 9, 12, 16, 25, 32, 48, 64, 96, 128)
 GATED_ROWS = (4, 16, 64)  # row counts also timed with every row gated (adapter models)
-CALIBRATION_VERSION = 4  # part of the cache key: a change in how the calibration is measured re-measures
+CALIBRATION_VERSION = 5  # part of the cache key: a change in how the calibration is measured re-measures
 
 
 @dataclass
@@ -58,7 +58,7 @@ class CostModel:
 
     rows: list[int]  # measured row counts, increasing
     seconds: list[float]  # forward + logits time at each
-    gated_per_row: float = 0.0  # extra seconds per gated row
+    gated_per_row: float = 0.0  # extra seconds per gated (MASK) row; < 0 where a MASK row is the cheaper one
     gated_fixed: float = 0.0  # extra seconds of a forward with at least one gated row
 
     def __post_init__(self) -> None:
@@ -73,7 +73,9 @@ class CostModel:
             i = min(max(i, 1), len(self.rows) - 1)
             r0, r1, s0, s1 = self.rows[i - 1], self.rows[i], self.seconds[i - 1], self.seconds[i]
             base = s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
-        return base + (self.gated_fixed + gated * self.gated_per_row if gated else 0.0)
+        if not gated:
+            return base
+        return max(self.seconds[0], base + self.gated_fixed + gated * self.gated_per_row)
 
     @classmethod
     def for_model(cls, model) -> CostModel:
@@ -105,7 +107,7 @@ class CostModel:
         vocab = model.cfg.vocab_size
         gen = torch.Generator().manual_seed(0)
         cache = model.new_cache(capacity=prefix + max(rows) + 256)
-        gated = model.has_adapters
+        gated = model.has_adapters or model.draft_vocab is not None  # MASK rows cost other than clean rows
         times: dict[tuple[int, bool], list[float]] = {}
         with torch.inference_mode():
             model.hidden(torch.randint(0, vocab, (prefix,), generator=gen), torch.arange(prefix), cache)
@@ -113,19 +115,23 @@ class CostModel:
                 for k in rows:
                     for g in ((False, True) if gated and k in GATED_ROWS else (False,)):
                         ids = torch.randint(0, vocab, (k,), generator=gen)
+                        if g:  # k MASK rows: the adapter on, the draft vocabulary's head
+                            ids.fill_(model.cfg.mask_token_id)
                         t = time.perf_counter()
                         model.logits(model.hidden(ids, prefix + torch.arange(k), cache,
-                                                  gate=torch.ones(k) if g else None))
+                                                  gate=torch.ones(k) if g and model.has_adapters else None),
+                                     torch.ones(k, dtype=torch.bool) if g else None)
                         dt = time.perf_counter() - t
                         cache.crop(prefix)
                         if rep:  # the first round warms up
                             times.setdefault((k, g), []).append(dt)
         med = {key: min(v) for key, v in times.items()}
         per_gated = fixed = 0.0
-        if gated:  # extra time of gating k rows = fixed + k · per_gated: a line through the measured points
+        if gated:  # extra time of k MASK rows = fixed + k · per_gated: a line through the measured points;
+            # per_gated < 0 where a MASK row costs less than a clean one (a draft vocabulary's smaller head)
             extra = {k: med[(k, True)] - med[(k, False)] for k in GATED_ROWS}
             lo, mid, hi = GATED_ROWS
-            per_gated = max(0.0, (extra[hi] - extra[mid]) / (hi - mid))
+            per_gated = (extra[hi] - extra[mid]) / (hi - mid)
             fixed = max(0.0, extra[lo] - lo * per_gated)
         return cls(list(rows), [med[(k, False)] for k in rows], per_gated, fixed)
 
@@ -144,7 +150,8 @@ def _cpu_name() -> str:
 def _machine_key(model) -> str:
     cfg = model.cfg
     parts = [cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-             cfg.vocab_size, model.has_adapters, str(model.dtype), getattr(model, "quant_mode", "none"),
+             cfg.vocab_size, model.has_adapters, None if model.draft_vocab is None else len(model.draft_vocab),
+             str(model.dtype), getattr(model, "quant_mode", "none"),
              torch.get_num_threads(), torch.__version__, _cpu_name(), CALIBRATION_ROWS, GATED_ROWS, CALIBRATION_VERSION,
              build_tag(model)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]

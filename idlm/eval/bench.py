@@ -210,23 +210,41 @@ def run_llamacpp(gguf_path: str, prompts: list[list[int]], params: SamplingParam
 
 def forward_cost(lm: LoadedModel, prefix: int, windows: list[int], reps: int = 20) -> list[dict]:
     """Median wall time of one forward (hidden + logits at every window slot) appending ``w`` tokens to a
-    ``prefix``-token cache, for each w; windows are measured interleaved so machine noise hits all alike."""
+    ``prefix``-token cache, for each w; windows are measured interleaved so machine noise hits all alike.
+    With a drafter (gated adapter or draft vocabulary) each w is also timed as ISD runs it: the last w // 2
+    rows are MASK rows (adapter on, scoring the draft vocabulary), so the drafter's share is the difference."""
     model = lm.model
     cache = model.new_cache(capacity=prefix + max(windows) + 1)
     gen = torch.Generator().manual_seed(0)
     vocab = model.cfg.vocab_size
-    times: dict[int, list[float]] = {w: [] for w in windows}
+    drafter = model.has_adapters or model.draft_vocab is not None
+    kinds = (False, True) if drafter else (False,)
+    times: dict[tuple[int, bool], list[float]] = {(w, d): [] for w in windows for d in kinds}
     with torch.inference_mode():
         model.hidden(torch.randint(0, vocab, (prefix,), generator=gen), torch.arange(prefix), cache)
         for rep in range(reps + 2):
             for w in windows:
-                ids = torch.randint(0, vocab, (w,), generator=gen)
-                t = time.perf_counter()
-                model.logits(model.hidden(ids, prefix + torch.arange(w), cache)[0])
-                dt = time.perf_counter() - t
-                cache.crop(prefix)
-                if rep >= 2:  # two warm-up rounds
-                    times[w].append(dt)
-    med = {w: sorted(ts)[len(ts) // 2] for w, ts in times.items()}
-    base = med.get(1) or med[windows[0]]
-    return [{"window": w, "ms": round(1000 * med[w], 2), "ratio_vs_1": round(med[w] / base, 3)} for w in windows]
+                for isd in kinds:
+                    ids = torch.randint(0, vocab, (w,), generator=gen)
+                    drafts = torch.zeros(w, dtype=torch.bool)
+                    if isd:
+                        drafts[w - w // 2:] = True
+                        ids[drafts] = model.cfg.mask_token_id
+                    gate = drafts.float() if isd and model.has_adapters else None
+                    t = time.perf_counter()
+                    model.logits(model.hidden(ids, prefix + torch.arange(w), cache, gate=gate)[0],
+                                 drafts if isd else None)
+                    dt = time.perf_counter() - t
+                    cache.crop(prefix)
+                    if rep >= 2:  # two warm-up rounds
+                        times[(w, isd)].append(dt)
+    med = {k: sorted(ts)[len(ts) // 2] for k, ts in times.items()}
+    base = med.get((1, False)) or med[(windows[0], False)]
+    rows = []
+    for w in windows:
+        row = {"window": w, "ms": round(1000 * med[(w, False)], 2), "ratio_vs_1": round(med[(w, False)] / base, 3)}
+        if drafter:
+            row["isd_ms"] = round(1000 * med[(w, True)], 2)
+            row["drafter_share"] = round(1 - med[(w, False)] / med[(w, True)], 3)
+        rows.append(row)
+    return rows

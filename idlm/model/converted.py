@@ -62,7 +62,7 @@ def load_converted(path: str | Path, dtype: torch.dtype = torch.float32, device:
     if meta.mode == "full":
         model = load_folder(folder, dtype, device)
         return LoadedConverted(LoadedModel(model, folder, str(folder), meta), meta)
-    base = load_model(meta.base_model, dtype, device)
+    base = load_model(meta.base_model, dtype, device, draft_vocab="full", check_rows=False)
     loaded = LoadedModel(base.model, base.folder, str(folder), meta)
     if loaded.model.cfg.mask_token_id != meta.mask_token_id:
         raise ValueError(f"{folder}: adapter was trained with MASK id {meta.mask_token_id}, base model uses "

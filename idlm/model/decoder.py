@@ -291,6 +291,8 @@ class Decoder(nn.Module):
         # set by ``rowcheck`` when this machine's kernel failed the row-stability check: one row per call
         self.head_by_row = False
         self.attn_by_row = False
+        self.draft_vocab: torch.Tensor | None = None  # tokens MASK rows may propose (``set_draft_vocab``)
+        self.draft_head_quant: nn.Module | None = None  # the quantized head over draft_vocab's rows
 
     @property
     def has_adapters(self) -> bool:
@@ -431,19 +433,57 @@ class Decoder(nn.Module):
             return self.lm_head.weight
         return self.embed.weight[: self.cfg.vocab_size]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, drafts: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits (..., vocab) in fp32. MASK is never a valid output: an in-vocabulary MASK
-        id gets -inf, an appended MASK row is not scored at all."""
+        id gets -inf, an appended MASK row is not scored at all. ``drafts`` (bool, hidden's leading shape):
+        rows that only propose drafts (MASK rows); with a draft vocabulary (``set_draft_vocab``) they score
+        its tokens only and every other token gets -inf. Other rows always score the whole vocabulary, so
+        what is verified and emitted never changes."""
         # always a 2-D matmul: a 1-D input takes a gemv path that rounds differently
         flat = hidden.reshape(-1, hidden.shape[-1])
-        if self.head_quant is not None:
-            y = kernels.per_row(self.head_quant, flat) if self.head_by_row else self.head_quant(flat)
+        sub = None
+        if drafts is not None and self.draft_vocab is not None:
+            sub = drafts.reshape(-1).to(torch.bool)
+            if not bool(sub.any()):
+                sub = None
+        if sub is None:
+            y = self._head(flat)
         else:
-            y = kernels.linear(flat, self.head_weight(), None, self.head_by_row)
+            y = torch.full((flat.shape[0], self.cfg.vocab_size), float("-inf"))
+            full = (~sub).nonzero().reshape(-1)
+            if full.numel():
+                y[full] = self._head(flat[full]).float()
+            rows = sub.nonzero().reshape(-1)
+            y[rows[:, None], self.draft_vocab[None, :]] = self._draft_head(flat[rows]).float()
         out = y.float().view(*hidden.shape[:-1], -1)
         if not self.cfg.mask_is_new_row:
             out[..., self.cfg.mask_token_id] = float("-inf")
         return out
+
+    def _head(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.head_quant is not None:
+            return kernels.per_row(self.head_quant, flat) if self.head_by_row else self.head_quant(flat)
+        return kernels.linear(flat, self.head_weight(), None, self.head_by_row)
+
+    def _draft_head(self, flat: torch.Tensor) -> torch.Tensor:
+        hq = self.draft_head_quant
+        if hq is not None:
+            return kernels.per_row(hq, flat) if self.head_by_row else hq(flat)
+        return kernels.linear(flat, self.head_weight()[self.draft_vocab], None, self.head_by_row)
+
+    def set_draft_vocab(self, ids: torch.Tensor | list[int] | None) -> None:
+        """Let MASK rows score only ``ids`` (None: the whole vocabulary again). Drafts then come from these
+        tokens; verification and output are unchanged. A quantized head gets its own kernel over these rows
+        (``quant.quantize_model`` builds it), so set this before quantizing."""
+        if ids is None:
+            self.draft_vocab = self.draft_head_quant = None
+            return
+        t = torch.as_tensor(ids, dtype=torch.long).unique()
+        if t.numel() == 0 or int(t.min()) < 0 or int(t.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"draft vocabulary ids must be in 0..{self.cfg.vocab_size - 1}")
+        if self.head_quant is not None:
+            raise ValueError("set the draft vocabulary before quantizing (its head kernel is built then)")
+        self.draft_vocab = t
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:

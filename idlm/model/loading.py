@@ -244,17 +244,28 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str = 
 
 
 def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               quant: str = "none") -> LoadedModel:
+               quant: str = "none", draft_vocab: str | int = "auto", check_rows: bool = True) -> LoadedModel:
     """Load a base model (or converted I-DLM) by name: None = embedded default, a folder, a .gguf, a hub id.
     ``quant`` int4 / int8: weight-only quantized projections and head (``quant.quantize_model``; from a
     GGUF's own blocks when the weights came from one); auto: ``quant.auto_quant``. The report is
-    ``LoadedModel.quant``. On the CPU every kernel path is then checked for row stability
-    (``rowcheck.check``; ``LoadedModel.rowcheck``)."""
+    ``LoadedModel.quant``. ``draft_vocab`` (auto / full / K): the tokens MASK rows score
+    (``draftvocab.choose``: auto = the model folder's ``draft_vocab.json`` default, else all). On the CPU every
+    kernel path is then checked for row stability (``rowcheck.check``; ``LoadedModel.rowcheck``) unless
+    ``check_rows`` is off (a model loaded to be trained, or as the base of another)."""
     from .quant import QUANT_CHOICES, auto_quant, quantize_model
 
     if quant not in QUANT_CHOICES:
         raise ModelLoadError(f"unknown quantization {quant!r} (choose from {', '.join(QUANT_CHOICES)})")
+    from . import draftvocab
+
+    folder = resolve_folder(name)
+    try:
+        ids = draftvocab.choose(draftvocab.read_ranking(folder), draft_vocab, folder)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
     loaded = _load(name, dtype, device)
+    if ids is not None:
+        loaded.model.set_draft_vocab(ids)
     gguf = gguf_source(loaded.folder)
     if quant == "auto":
         quant = auto_quant(gguf, device)
@@ -265,7 +276,7 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
             loaded.quant = quantize_model(loaded.model, quant, gguf)
         except ValueError as e:  # a mode this machine cannot run (int8 activations without the native code)
             raise ModelLoadError(str(e)) from None
-    if device == "cpu":
+    if device == "cpu" and check_rows:
         from .rowcheck import check
 
         loaded.rowcheck = check(loaded.model)

@@ -427,6 +427,11 @@ def quantize_model(model, mode: str, gguf_path: str | None = None, head: str | N
         hq.source = f"head: {hq.source}"
         model.head_quant = hq
         report.add(hq.source)
+        if model.draft_vocab is not None:  # MASK rows' head: the same rows, quantized the same way
+            ids = model.draft_vocab
+            dq = _layer_from(None if t is None else [(t.tensor_type.name, t.data, ids)], w[ids], head_kind, act=act)
+            dq.source = f"draft head ({len(ids)} tokens)"
+            model.draft_head_quant = dq
     model.quant_mode = mode
     return report
 

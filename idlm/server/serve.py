@@ -42,7 +42,10 @@ def load_into(state: ServerState, server: DrainingServer | None = None) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        lm = load_model(cfg.model, dtype=DTYPES[cfg.dtype], quant=cfg.quant)
+        from ..config import parse_draft_vocab
+
+        lm = load_model(cfg.model, dtype=DTYPES[cfg.dtype], quant=cfg.quant,
+                        draft_vocab=parse_draft_vocab(str(cfg.draft_vocab)))
         if lm.quant is not None:
             print(f"idlm: {lm.quant.summary()}", file=sys.stderr, flush=True)
         if lm.rowcheck is not None:

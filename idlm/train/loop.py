@@ -192,7 +192,7 @@ class Trainer:
         self.stages = cfg.stage_list
         # the bare base by default (never the shipped drafter, which load_model(None) would give);
         # FSDP loads on the CPU and moves only each rank's shard to the device
-        lm = load_model(cfg.model or DEFAULT_MODEL, device="cpu" if self.sharding.fsdp else self.device)
+        lm = load_model(cfg.model or DEFAULT_MODEL, device="cpu" if self.sharding.fsdp else self.device, check_rows=False)
         self.base_folder, self.model = lm.folder, lm.model
         samples = [truncate(s, cfg.max_len) for s in load_samples(cfg.data, LazyTokenizer(lm))]
         self.stream = RowStream([s for s in samples if s is not None], cfg.row_tokens, cfg.seed)

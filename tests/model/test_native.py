@@ -67,6 +67,26 @@ def test_idlm_native_0_turns_it_off() -> None:
     assert out.stdout.strip() == "False turned off (IDLM_NATIVE=0)"
 
 
+def test_a_killed_build_leaves_no_lock_that_blocks_the_next(tmp_path) -> None:
+    """torch's build lock is a file; a build killed midway leaves it, and torch then waits for it forever.
+    idlm holds an OS lock (released when its holder dies) and removes such a file under it."""
+    (tmp_path / "lock").write_text("")  # what a killed build leaves
+    with native._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / ".idlm-build.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.kill()  # a build killed while it holds the lock
+        holder.wait(10)
+        with native._build_lock(tmp_path):  # the kernel released it: no wait
+            pass
+    finally:
+        holder.kill()
+
+
 def test_a_failed_build_falls_back_to_the_python_forward(monkeypatch) -> None:
     saved = dict(native._state)
     try:

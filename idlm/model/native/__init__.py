@@ -20,11 +20,14 @@ each other (like two thread counts): one process uses one of them for a model, n
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +96,9 @@ def load() -> bool:
             name = f"idlm_native_{tag}_{_cpu_tag()}"
             build = cache_dir() / "native" / name
             build.mkdir(parents=True, exist_ok=True)
-            cpp_load(name, [str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                     build_directory=str(build), is_python_module=False, verbose=False)
+            with _build_lock(build):
+                cpp_load(name, [str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=flags,
+                         extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False, verbose=False)
             _state.update(ok=True, why="", name=name)
             _prune(build.parent, name)
         except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: the Python forward runs
@@ -102,6 +106,20 @@ def load() -> bool:
             _state.update(ok=False, why=f"could not build the native forward ({msg[-1] if msg else type(e).__name__})")
             log.warning("idlm: %s; using the Python forward", _state["why"])
         return bool(_state["ok"])
+
+
+@contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """Hold an OS lock on ``build`` (released by the kernel if this process dies) while torch builds there.
+    torch's own lock is a file that a killed build leaves behind, after which every later process waits for it
+    forever; holding ours, no other idlm process is building here, so such a file is stale and removed."""
+    with open(build / ".idlm-build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _prune(folder: Path, keep: str) -> None:
