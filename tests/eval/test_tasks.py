@@ -1,12 +1,19 @@
 """Task scoring: GSM8K answer extraction on the formats that trip naive regexes, and HumanEval
 programs run in the sandbox (a real problem's correct and wrong solutions, an infinite loop, a
-memory bomb, a socket, a write outside the temp dir)."""
+memory bomb, a socket, a write outside the temp dir), and that nothing a program starts outlives
+``run_program`` or delays it past its timeout (detached children, daemons, ignored signals, closed
+pipes)."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import socket
+import subprocess
+import sys
+import time
 from decimal import Decimal
 
 import pytest
@@ -148,9 +155,120 @@ def test_private_temp_dir_and_environment(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.skipif(not any(p.startswith("--setuid") for p in sandbox.isolation()[0]),
+@pytest.mark.skipif(not sandbox.isolation().as_nobody,
                     reason="runs as an unprivileged user only when we are root and unshare is available")
 def test_cannot_write_outside_its_temp_dir(tmp_path):
     target = tmp_path / "pwned"
     res = sandbox.run_program(f"open({str(target)!r}, 'w').write('x')\n")
     assert not res.passed and "PermissionError" in res.detail and not target.exists()
+
+
+# Lifetime: run_program returns within timeout_s + 1 s whatever the program does, and (with a PID
+# namespace) nothing it started outlives it. Each test's processes carry a unique marker in their
+# command line (a `sleep` duration, or an argument of `python -c`) that pgrep looks for afterwards.
+
+def _marker() -> str:
+    return f"30.{random.randrange(10**8, 10**9)}"
+
+
+def _processes(marker: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _run(source: str, marker: str, timeout_s: float) -> tuple[sandbox.ExecResult, float, list[int]]:
+    """Run ``source``; its result, how long run_program took, and the marked processes left after."""
+    sandbox.isolation()  # the one-time probe is not part of the bound
+    t0 = time.monotonic()
+    res = sandbox.run_program(source, timeout_s=timeout_s)
+    elapsed = time.monotonic() - t0
+    left = _processes(marker)
+    _kill(left)  # so that a failing test leaves nothing behind either
+    return res, elapsed, left
+
+
+def _assert_bounded(source: str, timeout_s: float, status: str, marker: str) -> None:
+    res, elapsed, left = _run(source, marker, timeout_s)
+    assert elapsed < timeout_s + 1, elapsed
+    assert res.status == status, res
+    if sandbox.isolation().pid_namespace:
+        assert not left, f"left running: {left}"
+
+
+def test_detached_child_holding_the_pipes_dies_with_it():
+    m = _marker()
+    _assert_bounded(f"import subprocess\nsubprocess.Popen(['sleep', '{m}'], start_new_session=True)\n",
+                    3, "passed", m)
+
+
+def test_detached_child_outside_the_temp_dir_without_pipes_dies_with_it():
+    m = _marker()
+    _assert_bounded("import subprocess\n"
+                    f"subprocess.Popen(['sleep', '{m}'], start_new_session=True, cwd='/', "
+                    "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n",
+                    3, "passed", m)
+
+
+def test_double_forked_daemon_dies_with_it():
+    m = _marker()
+    _assert_bounded("import os, subprocess\n"
+                    "pid = os.fork()\n"
+                    "if pid == 0:\n"
+                    "    os.setsid()\n"
+                    "    os.chdir('/')\n"
+                    f"    subprocess.Popen(['sleep', '{m}'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                    "    os._exit(0)\n"
+                    "os.waitpid(pid, 0)\n",
+                    3, "passed", m)
+
+
+def test_child_ignoring_sigterm_and_sighup_is_killed_at_the_timeout():
+    m = _marker()
+    ignore = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+    _assert_bounded(f"{ignore}import subprocess, sys, time\n"
+                    f"subprocess.Popen([sys.executable, '-c', {ignore + 'import time; time.sleep(60)'!r}, '{m}'], "
+                    "start_new_session=True)\n"
+                    "time.sleep(60)\n",
+                    1.5, "timeout", m)
+
+
+def test_program_that_closes_stdout_and_stderr_then_sleeps_is_killed_at_the_timeout():
+    m = _marker()  # the program replaces itself so that its own command line carries the marker
+    _assert_bounded("import os, sys\n"
+                    "os.execv(sys.executable, [sys.executable, '-c', "
+                    f"'import os, time; os.close(1); os.close(2); time.sleep(60)', '{m}'])\n",
+                    1.5, "timeout", m)
+
+
+def test_plain_infinite_loop_is_killed_at_the_timeout():
+    m = _marker()
+    _assert_bounded(f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'while True: pass', '{m}'])\n",
+                    1, "timeout", m)
+
+
+def test_without_pid_namespace_it_still_returns_on_time_and_kills_its_process_group(monkeypatch):
+    """The fallback (no namespaces at all): a detached child holding stderr can outlive the program
+    (and is killed here by the test), but cannot stall run_program; a child left in its process group
+    is killed."""
+    monkeypatch.setattr(sandbox, "isolation", lambda: sandbox.Isolation((), sys.executable, False, False))
+    assert "no PID namespace" in sandbox.describe()
+    grouped, detached = _marker(), _marker()
+    try:
+        t0 = time.monotonic()
+        res = sandbox.run_program("import subprocess\n"
+                                  f"subprocess.Popen(['sleep', '{grouped}'])\n"
+                                  f"subprocess.Popen(['sleep', '{detached}'], start_new_session=True, cwd='/')\n",
+                                  timeout_s=3)
+        elapsed = time.monotonic() - t0
+        assert res.status == "passed" and elapsed < 3, (res, elapsed)
+        assert not _processes(grouped)
+    finally:
+        _kill(_processes(grouped) + _processes(detached))
