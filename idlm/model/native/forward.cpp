@@ -709,7 +709,13 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
   const int64_t sL = kpool.stride(0), sH = kpool.stride(1), sS = kpool.stride(2);
   uint16_t* kpp = bfm(kpool);
   uint16_t* vpp = bfm(vpool);
+  // grains: a stage's rows go to the thread pool only when there is enough work to pay for waking it
   const int64_t row_grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(Hd, 1));
+  const int64_t rope_grain = std::max<int64_t>(1, 8192 / std::max<int64_t>((H + 2 * Hkv) * D, 1));
+  const int64_t act_grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(P.inter, 1));
+  int64_t attn_work = 0;  // query vectors x keys
+  for (const Group& gr : work) attn_work += (koff[gr.t1] - koff[gr.t0]) * G;
+  const int64_t attn_grain = attn_work < (1 << 14) ? static_cast<int64_t>(work.size()) + 1 : 1;
 
   StageClock clk;
   clk.lap(S_OTHER);
@@ -731,7 +737,7 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
     const uint16_t* qn = lw.qn.defined() ? bf(lw.qn) : nullptr;
     const uint16_t* kn = lw.kn.defined() ? bf(lw.kn) : nullptr;
     // q/k norm (Qwen3), RoPE, q scaled to fp32, k/v written to the pool
-    at::parallel_for(0, T, 1, [&](int64_t a, int64_t b) {
+    at::parallel_for(0, T, rope_grain, [&](int64_t a, int64_t b) {
       uint16_t tmp[1024];
       float f[1024];
       for (int64_t t = a; t < b; ++t) {
@@ -768,7 +774,7 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
     clk.lap(S_ROPE);
     uint16_t* ap = bfm(attn);
     // attention: one work item per (rows of a sequence, kv head); padding rows stay zero
-    at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t a, int64_t b) {
+    at::parallel_for(0, static_cast<int64_t>(work.size()), attn_grain, [&](int64_t a, int64_t b) {
       thread_local AttnScratch scratch;
       for (int64_t it = a; it < b; ++it) {
         const Group& gr = work[it];
@@ -796,14 +802,21 @@ at::Tensor forward(int64_t plan, at::Tensor x, const at::Tensor& cos, const at::
     at::Tensor act = at::empty({T, I}, x.options());
     const uint16_t* gp = bf(gu);
     uint16_t* actp = bfm(act);
-    at::parallel_for(0, T, 1, [&](int64_t a, int64_t b) {
+    at::parallel_for(0, T, act_grain, [&](int64_t a, int64_t b) {
       for (int64_t t = a; t < b; ++t) {
         const uint16_t* gr = gp + t * gls;
         uint16_t* ar = actp + t * I;
-        for (int64_t k = 0; k < I; ++k) {
+        int64_t k = 0;
+        for (; k + 16 <= I; k += 16) {  // exp_f's operations lane by lane (vexp): the same bits
+          const idlm::V16 g = idlm::vload_bf(gr + k);
+          const idlm::V16 e = idlm::vexp(idlm::vsub(idlm::vzero(), g));
+          idlm::Lanes y(idlm::vmul(idlm::vdiv(g, idlm::vadd(idlm::vset1(1.0f), e)), idlm::vload_bf(gr + I + k)));
+          for (int l = 0; l < 16; ++l) ar[k + l] = f2bf(y.f[l]);
+        }
+        for (; k < I; ++k) {
           const float g = bf2f(gr[k]);
           const float u = bf2f(gr[I + k]);
-          ar[k] = f2bf(g / (1.0f + exp_f(-g)) * u);
+          ar[k] = f2bf(g / (1.0f + exp_f(0.0f - g)) * u);
         }
       }
     });
