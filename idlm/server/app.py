@@ -27,7 +27,7 @@ from ..engine import AsyncEngine, EngineDeadError, EngineStepError
 from .errors import APIError, bad
 from .generation import ChoiceResult, Delta, Timing, collect, run_choice
 from .metrics import ServerMetrics
-from .protocol import GenerationRequest, parse_chat, parse_completion
+from .protocol import GenerationRequest, parse_chat, parse_completion, unicode_text
 
 log = logging.getLogger("idlm.server")
 STATIC = Path(__file__).parent / "static"
@@ -74,6 +74,8 @@ async def read_json(request: Request, limit: int):
         return json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}"[:300], None, "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", None, "invalid_json") from None
 
 
 def _sse(obj) -> str:
@@ -126,6 +128,9 @@ class Server:
 
     def admit(self, n: int) -> _Admission:
         cfg = self.s.config
+        if n > cfg.max_running + cfg.max_queue:  # more than the server ever takes: retrying cannot help
+            raise bad(f"this request asks for {n} choices (prompts × n); the server takes at most "
+                      f"{cfg.max_running + cfg.max_queue} at once", "n")
         if self.s.active + n > cfg.max_running + cfg.max_queue:
             self.s.metrics.rejected.inc()
             raise APIError(503, f"the server is at capacity ({cfg.max_running} running + {cfg.max_queue} queued); "
@@ -165,6 +170,8 @@ class Server:
         for p in req.prompts:
             if isinstance(p, str):
                 out.append((self.encode_text(p), p))
+            elif any(t >= s.vocab_size for t in p):  # before decode, which overflows on ids past 64 bits
+                raise bad(f"prompt token ids must be integers in [0, {s.vocab_size})", "prompt")
             else:
                 out.append((list(p), s.tokenizer.decode(list(p))))
         return out
@@ -516,6 +523,7 @@ def build_app(state: ServerState) -> FastAPI:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise bad("prompt must be a string", "prompt")
+            unicode_text(prompt, "prompt")
             special = body.get("add_special_tokens", True)
             if not isinstance(special, bool):
                 raise bad("add_special_tokens must be true or false", "add_special_tokens")

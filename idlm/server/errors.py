@@ -26,6 +26,7 @@ class APIError(Exception):
 
     def body(self) -> dict:
         msg = self.message if len(self.message) <= MAX_MESSAGE else self.message[: MAX_MESSAGE - 3] + "..."
+        msg = msg.encode("utf-8", "backslashreplace").decode()  # a lone surrogate echoed from the input: \ud800
         return {"error": {"message": msg, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:

@@ -57,12 +57,19 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer past the float range
+        return False
+
+
 def _num(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
          lo_open: bool = False) -> float:
     v = body.get(name)
     if v is None:
         return default
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v) or math.isinf(v):
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not _finite(v):
         raise bad(f"{name} must be a finite number, got {v!r}"[:200], name)
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise bad(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}", name)
@@ -90,6 +97,15 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
         return default
     if not isinstance(v, bool):
         raise bad(f"{name} must be true or false, got {v!r}"[:200], name)
+    return v
+
+
+def unicode_text(v: str, name: str, param: str | None = None) -> str:
+    """``v``, if it is text a tokenizer takes (JSON can carry a lone surrogate, ``"\\ud800"``)."""
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        raise bad(f"{name} must be valid Unicode text (it has a lone surrogate)", param or name) from None
     return v
 
 
@@ -188,7 +204,7 @@ def _prompts(p) -> tuple:
     if p is None or p == "" or p == []:
         raise bad("prompt must be provided and non-empty", "prompt")
     if isinstance(p, str):
-        return (p,)
+        return (unicode_text(p, "prompt"),)
     if not isinstance(p, list):
         raise bad("prompt must be a string, a list of strings, a list of token ids or a list of lists of "
                   "token ids", "prompt")
@@ -199,7 +215,7 @@ def _prompts(p) -> tuple:
     out = []
     for x in p:
         if isinstance(x, str) and x:
-            out.append(x)
+            out.append(unicode_text(x, "prompt"))
         elif isinstance(x, list) and x:
             out.append(_token_ids(x, "prompt"))
         else:
@@ -243,5 +259,5 @@ def _messages(msgs) -> tuple:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": unicode_text(content, f"messages[{i}].content", "messages")})
     return tuple(out)

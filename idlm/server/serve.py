@@ -21,6 +21,9 @@ from .app import ServerState, build_app
 from .metrics import ServerMetrics
 
 log = logging.getLogger("idlm.server")
+# request line + headers: h11's default (16 KiB) answered headers past it with a plain-text 400 and a
+# dropped connection, but only when they came in more than one TCP segment (any real network)
+MAX_HEADER_BYTES = 128 * 1024
 
 
 def default_model_name(model: str | None) -> str:
@@ -131,7 +134,8 @@ def serve(cfg: ServerConfig) -> int:
     state.metrics = ServerMetrics(state.model_name, lambda: state.engine.metrics() if state.engine else None)
     app = build_app(state)
     server = DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                                           timeout_graceful_shutdown=5, access_log=False), state)
+                                           timeout_graceful_shutdown=5, access_log=False,
+                                           h11_max_incomplete_event_size=MAX_HEADER_BYTES), state)
     threading.Thread(target=load_into, args=(state, server), name="idlm-load", daemon=True).start()
     server.run()
     if state.load_error is not None:
