@@ -41,6 +41,11 @@ def pytorch_kernels() -> Iterator[None]:
         _state["native"] = old
 
 
+def native_enabled() -> bool:
+    """Whether inference runs idlm's native kernels (built, and not turned off by ``pytorch_kernels``)."""
+    return _state["native"] and native.load()
+
+
 def _native(x: torch.Tensor) -> bool:
     return _state["native"] and x.device.type == "cpu" and not torch.is_grad_enabled() \
         and x.dtype in (torch.float32, torch.bfloat16) and native.load()

@@ -112,7 +112,7 @@ def _kernel_name(proj) -> str:
     if quant is not None:
         return (f"{'idlm' if quant.fmt == 'idlm' else 'pytorch'} {quant.kind}"
                 f"{' int8-activations' if quant.act == 'int8' else ''}")
-    impl = "idlm" if native.load() and kernels._state["native"] else "pytorch"
+    impl = "idlm" if kernels.native_enabled() else "pytorch"
     return f"{impl} dense {str(proj.weight.dtype).removeprefix('torch.')}"
 
 
@@ -171,7 +171,7 @@ def _check_head(model, counts: list[int], results: list[PathResult]) -> bool:
         def fn(t: torch.Tensor) -> torch.Tensor:
             return native.ops().wmm(t.to(torch.bfloat16), hq.packed, hq.scales, hq.code, cols, hq.qbias)
         desc = f"idlm {hq.kind}{' int8-activations' if hq.act == 'int8' else ''} ({hidden} -> {hq.out_features})"
-    elif hq is None and native.load() and kernels._state["native"]:
+    elif hq is None and kernels.native_enabled():
         w = model.head_weight()[:HEAD_COLUMNS]
 
         def fn(t: torch.Tensor) -> torch.Tensor:
@@ -185,13 +185,17 @@ def _check_head(model, counts: list[int], results: list[PathResult]) -> bool:
         desc = f"{'pytorch ' + hq.kind if hq is not None else 'pytorch dense'} ({hidden} -> {model.cfg.vocab_size})"
     x = _activations(counts[-1], hidden, model.dtype, seed=101)
     bad = first_unstable(fn, x, counts)
+    if bad is None and model.draft_vocab is not None:  # MASK rows' head over the draft vocabulary
+        bad = first_unstable(model._draft_head, x, counts)
+        desc += f", draft head ({len(model.draft_vocab)} tokens)"
     if bad is None:
         results.append(PathResult("head", desc, counts[-1], True))
         return True
     model.head_by_row = True
     if hq is not None:
         hq.by_row = True
-    if first_unstable(lambda t: model.logits(t), x, counts) is not None:
+    if first_unstable(lambda t: model.logits(t), x, counts) is not None or (
+            model.draft_vocab is not None and first_unstable(model._draft_head, x, counts) is not None):
         raise RuntimeError(f"head: {desc} differs even one row per call")
     results.append(PathResult("head", desc, counts[-1], False, bad, "one row per call"))
     return False
@@ -223,7 +227,7 @@ def _check_attention(model, counts: list[int], results: list[PathResult]) -> boo
     # "alone" for row i is a one-row window at prefix + i whose keys are the prefix and rows < i: the same
     # keys row i sees in the batch (the window's own earlier slots hold the same K/V)
     idx = torch.arange(t_max)
-    impl = "idlm" if native.load() and kernels._state["native"] else "pytorch"
+    impl = "idlm" if kernels.native_enabled() else "pytorch"
     desc = f"{impl} attention ({hkv} K/V heads x {grp}, head dim {d})"
     bad = first_unstable(fn, idx, counts)
     if bad is None:

@@ -123,12 +123,19 @@ def _build_lock(build: Path) -> Iterator[None]:
 
 
 def _prune(folder: Path, keep: str) -> None:
-    """Remove builds of older sources (best effort: a process still using one keeps its loaded copy)."""
+    """Remove builds of other sources for this CPU (best effort: a process that loaded one keeps its copy), but
+    never one that a process is building or loading right now (it holds that build's lock)."""
     import shutil
 
     for d in folder.glob("idlm_native_*"):
-        if d.name != keep and d.name.split("_")[-1] == keep.split("_")[-1]:  # same CPU, other source
-            shutil.rmtree(d, ignore_errors=True)
+        if d.name == keep or d.name.split("_")[-1] != keep.split("_")[-1]:  # this build, or another CPU's
+            continue
+        try:
+            with open(d / ".idlm-build.lock", "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # in use (or already gone): leave it
+            continue
 
 
 def why() -> str:
