@@ -16,7 +16,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define IDLM_V16_ISA "avx512"
 #define IDLM_V16_512 1
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define IDLM_V16_ISA "avx2"
 #define IDLM_V16_256 1
 #else
@@ -52,6 +52,9 @@ inline V16 vload_bf(const uint16_t* p) {
   return {_mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16))};
 }
+inline V16 vload_h(const uint16_t* p) {  // 16 fp16 values, exactly
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
 inline V16 vfma(V16 a, V16 b, V16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline V16 vadd(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline V16 vsub(V16 a, V16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
@@ -83,6 +86,10 @@ inline __m256 bf8(const uint16_t* p) {
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 inline V16 vload_bf(const uint16_t* p) { return {bf8(p), bf8(p + 8)}; }
+inline V16 vload_h(const uint16_t* p) {  // 16 fp16 values, exactly (F16C comes with every AVX2 CPU)
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
 inline V16 vfma(V16 a, V16 b, V16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
 inline V16 vadd(V16 a, V16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
 inline V16 vsub(V16 a, V16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
@@ -121,6 +128,32 @@ inline V16 vload_bf(const uint16_t* p) {
   for (int l = 0; l < 16; ++l) r.f[l] = bf2f(p[l]);
   return r;
 }
+inline float h2f(uint16_t h) {  // fp16 -> fp32, exact (subnormals, infinities and NaN included)
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  uint32_t u;
+  if (e == 0x1f) {
+    u = sign | 0x7f800000u | (m << 13);
+  } else if (e != 0) {
+    u = sign | ((e + 112) << 23) | (m << 13);
+  } else if (m == 0) {
+    u = sign;
+  } else {  // subnormal: normalize
+    uint32_t ee = 113, mm = m;
+    while (!(mm & 0x400)) {
+      mm <<= 1;
+      --ee;
+    }
+    u = sign | (ee << 23) | ((mm & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline V16 vload_h(const uint16_t* p) {
+  V16 r;
+  for (int l = 0; l < 16; ++l) r.f[l] = h2f(p[l]);
+  return r;
+}
 #define IDLM_V16_MAP(name, expr)            \
   inline V16 name(V16 a, V16 b) {          \
     V16 r;                                 \
@@ -156,6 +189,10 @@ inline V16 vpow2_magic(V16 t) {
   return r;
 }
 #endif
+
+// 16 parameters stored as fp32 or as fp16 (exact where every value is an fp16 number)
+inline V16 vparam(const float* p) { return vload(p); }
+inline V16 vparam(const uint16_t* p) { return vload_h(p); }
 
 // A V16 stored to 16 floats, for lane-wise scalar work.
 struct Lanes {

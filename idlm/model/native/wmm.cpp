@@ -405,7 +405,8 @@ inline void w4a8_tile(const __m512i* w, const int8_t* xq, int64_t K, int64_t g, 
   }
 }
 
-void w4a8_block(const uint8_t* pk, const float* prm, const int8_t* xq, const float* dx, const int32_t* sq, int64_t M,
+template <typename P>
+void w4a8_block(const uint8_t* pk, const P* prm, const int8_t* xq, const float* dx, const int32_t* sq, int64_t M,
                 int64_t K, float* out) {
   const int64_t G = K / 32;
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -418,7 +419,7 @@ void w4a8_block(const uint8_t* pk, const float* prm, const int8_t* xq, const flo
       w[2 * c] = _mm512_and_si512(b, low);
       w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
     }
-    const V16 s = vload(prm + g * 32), mn = vload(prm + g * 32 + 16);
+    const V16 s = vparam(prm + g * 32), mn = vparam(prm + g * 32 + 16);
     int64_t m0 = 0;
     for (; m0 + 4 <= M; m0 += 4) w4a8_tile<4>(w, xq, K, g, G, s, mn, dx, sq, out, m0);
     switch (M - m0) {
@@ -485,8 +486,8 @@ inline V16 to_v16(__m256i lo, __m256i hi) {
 
 // W4A8: codes <= 15, so a pair sum is at most 2 * 15 * 127 in magnitude and the 8 k-quads' pair sums add up
 // in int16 exactly (8 * 3810 < 2^15) before one widening.
-template <int R>
-void w4a8_rows(const uint8_t* pk, const float* prm, const int8_t* xq, const float* dx, const int32_t* sq,
+template <int R, typename P>
+void w4a8_rows(const uint8_t* pk, const P* prm, const int8_t* xq, const float* dx, const int32_t* sq,
                int64_t K, int64_t m0, float* out) {
   const int64_t G = K / 32;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -513,7 +514,7 @@ void w4a8_rows(const uint8_t* pk, const float* prm, const int8_t* xq, const floa
         a[r][1] = _mm256_add_epi16(a[r][1], _mm256_maddubs_epi16(w1h, x1));
       }
     }
-    const V16 s = vload(prm + g * 32), mn = vload(prm + g * 32 + 16);
+    const V16 s = vparam(prm + g * 32), mn = vparam(prm + g * 32 + 16);
     for (int r = 0; r < R; ++r) {
       const int64_t m = m0 + r;
       const V16 dot = to_v16(_mm256_madd_epi16(a[r][0], ones), _mm256_madd_epi16(a[r][1], ones));
@@ -523,7 +524,8 @@ void w4a8_rows(const uint8_t* pk, const float* prm, const int8_t* xq, const floa
   for (int r = 0; r < R; ++r) vstore(out + (m0 + r) * 16, o[r]);
 }
 
-void w4a8_block(const uint8_t* pk, const float* prm, const int8_t* xq, const float* dx, const int32_t* sq, int64_t M,
+template <typename P>
+void w4a8_block(const uint8_t* pk, const P* prm, const int8_t* xq, const float* dx, const int32_t* sq, int64_t M,
                 int64_t K, float* out) {
   int64_t m0 = 0;
   for (; m0 + 2 <= M; m0 += 2) w4a8_rows<2>(pk, prm, xq, dx, sq, K, m0, out);
@@ -585,7 +587,8 @@ inline void group_dot(const uint8_t* const* w, const int8_t* xb, int32_t* d) {
   }
 }
 
-void w4a8_block(const uint8_t* pk, const float* prm, const int8_t* xq, const float* dx, const int32_t* sq, int64_t M,
+template <typename P>
+void w4a8_block(const uint8_t* pk, const P* prm, const int8_t* xq, const float* dx, const int32_t* sq, int64_t M,
                 int64_t K, float* out) {
   const int64_t G = K / 32;
   for (int64_t m = 0; m < M; ++m) vstore(out + m * 16, vzero());
@@ -599,7 +602,7 @@ void w4a8_block(const uint8_t* pk, const float* prm, const int8_t* xq, const flo
         wbuf[2 * c][i] = p[64 * c + i] & 15;
         wbuf[2 * c + 1][i] = p[64 * c + i] >> 4;
       }
-    const V16 s = vload(prm + g * 32), mn = vload(prm + g * 32 + 16);
+    const V16 s = vparam(prm + g * 32), mn = vparam(prm + g * 32 + 16);
     for (int64_t m = 0; m < M; ++m) {
       int32_t d[16];
       group_dot(w, xq + m * K + g * 32, d);
@@ -668,6 +671,11 @@ std::tuple<at::Tensor, at::Tensor> int4_pack(const at::Tensor& codes_in, const a
         for (int64_t p = 0; p < 16; ++p) dst[16 * p + i] = static_cast<uint8_t>(qg[2 * p] | (qg[2 * p + 1] << 4));
       }
     }
+  }
+  if (a8) {  // W4A8 reads its parameters as fp16 where that is exact (GGUF's Q4_0 / Q4_1 scales and minimums
+    // are fp16 numbers): 20 bytes per 32 weights instead of 24, the same values
+    at::Tensor half = params.to(at::kHalf);
+    if (at::equal(half.to(at::kFloat), params)) params = half;
   }
   return {packed, params};
 }
@@ -761,7 +769,10 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& packed, const at::Tenso
   const int64_t grain = M * n * K < (1 << 18) ? NB : std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
   const uint8_t* pk4 = kind == 4 || kind == 14 ? packed.data_ptr<uint8_t>() : nullptr;
   const int8_t* pk8 = kind == 8 ? packed.data_ptr<int8_t>() : nullptr;
-  const float* prm = params.data_ptr<float>();
+  const bool half = params.scalar_type() == at::kHalf;
+  TORCH_CHECK(params.scalar_type() == at::kFloat || (half && kind == 14), "idlm wmm: parameters must be fp32");
+  const float* prm = half ? nullptr : params.data_ptr<float>();
+  const uint16_t* prm16 = half ? reinterpret_cast<const uint16_t*>(params.data_ptr()) : nullptr;
   at::parallel_for(0, NB, grain, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> out;
 #if IDLM_BF16DP
@@ -783,7 +794,10 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& packed, const at::Tenso
         int8_block(pk8 + nb * K * 16, prm + nb * 16, xfp, M, K, out.data(), acc);
 #endif
       } else if (kind == 14) {
-        w4a8_block(pk4 + nb * (K / 32) * 256, prm + nb * (K / 32) * 32, xqp, dxp, sqp, M, K, out.data());
+        if (prm16)
+          w4a8_block(pk4 + nb * (K / 32) * 256, prm16 + nb * (K / 32) * 32, xqp, dxp, sqp, M, K, out.data());
+        else
+          w4a8_block(pk4 + nb * (K / 32) * 256, prm + nb * (K / 32) * 32, xqp, dxp, sqp, M, K, out.data());
       } else {
         w8a8_block(packed.data_ptr<uint8_t>() + nb * (K / 32) * 512, prm + nb * 16, xqp, dxp, sqp, M,
                    K, out.data(), acc);
