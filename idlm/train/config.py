@@ -82,6 +82,8 @@ class ConvertConfig:
     stop_at: int = 0  # stop (after checkpointing) once this global step is reached; 0 = run all stages
     seed: int = 0  # data order seed
     device: str = "auto"  # cpu | cuda | cuda:K | auto (cuda:LOCAL_RANK when available)
+    threads: int = 0  # torch CPU threads; 0 = torch's default (all cores). A resumed run repeats the
+    #   uninterrupted one bit for bit when both use the same thread count on the same machine
     sharding: str = "auto"  # several processes: ddp (every rank holds the whole model) | fsdp (FSDP2:
     #   weights, gradients and optimizer state sharded, ZeRO-3-like) | fsdp-grad-op (layers stay gathered
     #   from forward to backward, ZeRO-2-like) | auto (what an `accelerate launch` FSDP config asks for,
@@ -107,6 +109,8 @@ class ConvertConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.threads < 0:
+            raise ValueError("--threads must be >= 0")
         if self.init_from is not None and self.mode != "lora":
             raise ValueError("--init-from needs --mode lora (it warm-starts an R-ISD adapter)")
         if self.max_len > self.row_tokens:

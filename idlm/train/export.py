@@ -76,7 +76,7 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).exists():
-            shutil.copyfile(src / name, dst / name)
+            _atomic_write_bytes(dst / name, lambda tmp, f=src / name: shutil.copyfile(f, tmp))
             copied.append(name)
     return copied
 

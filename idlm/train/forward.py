@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import kernels
 from ..model.decoder import Decoder
 from .batch import TrainBatch
 
@@ -50,7 +51,7 @@ def forward_clean_prefix(model: Decoder, batch: TrainBatch) -> Halves:
     mask_clean = mask[..., m:, m:]  # (R, 1, n, n)
     mask_noisy = torch.cat([mask[..., :m, m:], mask[..., :m, :m]], -1)  # keys = [clean ; noisy]
     gate = batch.gate[..., None].to(model.dtype)  # (R, m, 1)
-    with torch.no_grad():
+    with torch.no_grad(), kernels.pytorch_kernels():  # training: PyTorch's (fastest) kernels, rows need not be stable
         x = model.embed(ids_0)
         cos, sin = _rope(model, pos_0)
         kv = []

@@ -183,6 +183,8 @@ class Trainer:
 
     def __init__(self, cfg: ConvertConfig):
         self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.dist = setup_distributed(resolve_device(cfg.device, 0))
         self.sharding = choose_sharding(cfg.sharding, self.dist.world)
         self.device = resolve_device(cfg.device, self.dist.local_rank)
@@ -243,8 +245,14 @@ class Trainer:
             blob = {"state": asdict(self.state), "params": named, "optimizer": self.opt.state_dict(),
                     "config": asdict(self.cfg)}
             tmp = self.state_path.with_name(STATE_FILE + ".tmp")
-            torch.save(blob, tmp)
+            with tmp.open("wb") as f:  # a kill at any point leaves the previous checkpoint whole
+                torch.save(blob, f)
+                _test_pause("state", self.state.step)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.state_path)
+            _fsync_dir(ckpt)
+        _test_pause("export", self.state.step)
         self.export()
         self._barrier()
 
@@ -268,8 +276,6 @@ class Trainer:
                     params[name].copy_(t)
             self.opt.load_state_dict(blob["optimizer"])
         self.state = TrainState(**blob["state"])
-        if self.dist.is_main:
-            _truncate_log(self.out / LOG_FILE, self.state.step)
 
     def _check_resumable(self, saved: dict) -> None:
         for key in ("mode", "lora_rank", "lora_targets", "model"):
@@ -381,6 +387,7 @@ class Trainer:
         log = (self.out / LOG_FILE) if self.dist.is_main else None
         if log:
             log.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_log(log, self.state.step)  # a killed run's records past its checkpoint
         last = float("nan")
         while self.state.step < end:
             rec = self.train_step()
@@ -448,8 +455,36 @@ def _progress(enabled: bool, initial: int, total: int):
                 dynamic_ncols=True)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where a directory cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _test_pause(phase: str, step: int) -> None:
+    """Test hook, inert unless ``IDLM_TEST_PAUSE`` is set to ``PHASE:STEP:FILE``: the checkpoint of step
+    STEP creates FILE at PHASE and sleeps there, for tests/train/test_kill_resume.py to SIGKILL it.
+    Phases: ``state`` (the new state is in its temporary file, not yet synced or renamed into place)
+    and ``export`` (the new state is in place, the export not yet written)."""
+    spec = os.environ.get("IDLM_TEST_PAUSE")
+    if not spec:
+        return
+    want, at, path = spec.split(":", 2)
+    if want == phase and int(at) == step:
+        Path(path).touch()
+        time.sleep(600)
+
+
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records past the checkpoint so a resumed run's log is one clean curve."""
+    """Drop log records past ``step`` (where this run starts: a resumed run's checkpoint, or 0) so the
+    log is one clean curve: no records of a killed run's steps after its last checkpoint, and no
+    partly written last line."""
     if not path.exists():
         return
     keep = []

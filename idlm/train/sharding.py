@@ -139,27 +139,38 @@ def _frozen_options(lora: bool, **kw):
 
 def save_sharded(ckpt_dir: Path, wrapped: nn.Module, opt: torch.optim.Optimizer, lora: bool,
                  meta: dict, is_main: bool) -> None:
-    """Every rank writes its own shards (``checkpoint/sharded/``), rank 0 the JSON state; the previous
-    checkpoint is replaced only once the new one is complete."""
+    """Every rank writes its own shards, rank 0 then the JSON state, which names the shard folder.
+    The shards go to the folder the current state does not name (``sharded/`` and ``sharded.1/`` take
+    turns) and the state is replaced last, so a process killed at any point leaves the previous
+    checkpoint whole."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(wrapped, opt, options=_frozen_options(lora))
-    tmp, final = ckpt_dir / (SHARDED_DIR + ".tmp"), ckpt_dir / SHARDED_DIR
+    name = [None]
     if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        name[0] = SHARDED_DIR + ".1" if _shard_folder(ckpt_dir) == SHARDED_DIR else SHARDED_DIR
+    dist.broadcast_object_list(name, src=0)
+    shards = ckpt_dir / name[0]
+    if is_main:
+        shutil.rmtree(shards, ignore_errors=True)
+        shards.mkdir(parents=True)
     dist.barrier()
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(shards))
     dist.barrier()
     if is_main:
         state_tmp = ckpt_dir / (SHARDED_STATE + ".tmp")
-        state_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        state_tmp.write_text(json.dumps({**meta, "shards": name[0]}, indent=2) + "\n")
         os.replace(state_tmp, ckpt_dir / SHARDED_STATE)
     dist.barrier()
+
+
+def _shard_folder(ckpt_dir: Path) -> str | None:
+    """The shard folder the checkpoint's state names (``sharded`` for states written before it was
+    recorded); None without a state."""
+    path = ckpt_dir / SHARDED_STATE
+    return json.loads(path.read_text()).get("shards", SHARDED_DIR) if path.exists() else None
 
 
 def load_sharded(ckpt_dir: Path, wrapped: nn.Module, opt: torch.optim.Optimizer, lora: bool) -> dict:
@@ -168,12 +179,13 @@ def load_sharded(ckpt_dir: Path, wrapped: nn.Module, opt: torch.optim.Optimizer,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    saved = json.loads((ckpt_dir / SHARDED_STATE).read_text())
     model_sd, optim_sd = get_state_dict(wrapped, opt, options=_frozen_options(lora))
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(ckpt_dir / SHARDED_DIR))
+    dcp.load(state, checkpoint_id=str(ckpt_dir / saved.get("shards", SHARDED_DIR)))
     set_state_dict(wrapped, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_frozen_options(lora, strict=not lora))  # lora: the frozen base is not saved
-    return json.loads((ckpt_dir / SHARDED_STATE).read_text())
+    return saved
 
 
 def full_state(wrapped: nn.Module, lora: bool, prefix: str = "model.") -> dict[str, torch.Tensor]:
