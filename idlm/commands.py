@@ -489,7 +489,10 @@ def _data_vocab(args: argparse.Namespace) -> int:
 
     samples = load_samples(args.data, LazyTokenizer(SimpleNamespace(tokenizer=tokenizer)))
     counts = count_tokens(s.response_ids for s in samples)
-    meta = write_ranking(Path(args.out), counts, args.default_k, [str(Path(p).name) for p in args.data])
+    from .model.loading import read_config
+
+    vocab = int(read_config(resolve_folder(args.model or DEFAULT_MODEL)).get("vocab_size", 0))
+    meta = write_ranking(Path(args.out), counts, args.default_k, [str(Path(p).name) for p in args.data], vocab)
     print(f"{args.out}: {meta['distinct']} distinct tokens of {meta['tokens_counted']} in {len(samples)} responses; "
           f"the {meta['default_k']} most frequent cover {meta['coverage_at_default_k']:.2%}")
     return 0

@@ -27,13 +27,16 @@ def count_tokens(responses: Iterable[Iterable[int]]) -> Counter:
     return counts
 
 
-def write_ranking(path: Path, counts: Counter, default_k: int, source: list[str]) -> dict:
-    """Token ids by count (ties: lower id first) with the default K and what was counted."""
+def write_ranking(path: Path, counts: Counter, default_k: int, source: list[str], vocab_size: int = 0) -> dict:
+    """Token ids by count (ties: lower id first), then, up to ``vocab_size``, the ids never seen in increasing
+    order (a BPE vocabulary's lower ids are its earlier, more frequent merges), with the default K and what was
+    counted."""
     ranking = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    ranking += [t for t in range(vocab_size) if t not in counts]
     total = sum(counts.values())
     top = sum(counts[t] for t in ranking[:default_k])
     meta = {"ranking": ranking, "default_k": min(default_k, len(ranking)), "tokens_counted": total,
-            "distinct": len(ranking), "coverage_at_default_k": round(top / total, 4) if total else 0.0,
+            "distinct": len(counts), "coverage_at_default_k": round(top / total, 4) if total else 0.0,
             "source": source}
     path.write_text(json.dumps(meta))
     return meta

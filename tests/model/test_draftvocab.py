@@ -89,6 +89,8 @@ def test_ranking_file_round_trip_and_choice(tmp_path) -> None:
     counts = draftvocab.count_tokens([[5, 5, 9, 1], [9, 5, 2]])
     meta = draftvocab.write_ranking(tmp_path / draftvocab.FILE, counts, 2, ["a.jsonl"])
     assert meta["ranking"] == [5, 9, 1, 2] and meta["coverage_at_default_k"] == round(5 / 7, 4)
+    filled = draftvocab.write_ranking(tmp_path / "all.json", counts, 2, ["a.jsonl"], vocab_size=8)
+    assert filled["ranking"] == [5, 9, 1, 2, 0, 3, 4, 6, 7] and filled["distinct"] == 4  # then unseen ids in order
     got = draftvocab.read_ranking(tmp_path)
     assert draftvocab.choose(got, "auto", tmp_path) == [5, 9]
     assert draftvocab.choose(got, 3, tmp_path) == [5, 9, 1]
