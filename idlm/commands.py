@@ -533,6 +533,8 @@ def _eval_nll(args: argparse.Namespace) -> int:
         raise ConfigError("--max-len must be >= 2")
     if args.server:
         raise ConfigError("--task nll scores in process; --server is for gsm8k and humaneval")
+    if not Path(args.data).is_file():  # before loading any model: a typo should cost no load time
+        raise ConfigError(f"--data {args.data}: no such file")
     args.dtype = args.dtype or "fp32"
     # nll measures quality: the dense weights unless a quantization is asked for (auto would make a GGUF base
     # int4 and a converted safetensors model dense, an unequal comparison)

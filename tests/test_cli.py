@@ -81,7 +81,10 @@ def test_help_explains() -> None:
 
 
 def test_generate_json_on_default_model() -> None:
-    r = run_cli(["generate", "--prompt", "What is the capital of France?", "--chat", "--json", "--stride", "3",
+    # the demo's prompt: the bare question's first token is a near tie ("The" / "L", 0.08 logits apart in fp32)
+    # that a quantization may flip, after which this 135M model rambles
+    r = run_cli(["generate", "--prompt", "What is the capital of France? Answer in one sentence.", "--chat",
+                 "--json", "--stride", "3",
                  "--max-new-tokens", "12", "--dtype", "fp32", "--threads", "2"])
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout.strip().splitlines()[-1])

@@ -49,6 +49,7 @@ class OracleLM:
         self.cfg = SimpleNamespace(mask_token_id=vocab, eos_token_ids=(eos,), vocab_size=vocab)
         self.forwards = 0
         self.has_adapters = False
+        self.draft_vocab = None  # the decoder protocol: no draft vocabulary, every row scores the whole head
 
     def new_cache(self, batch: int = 1, capacity: int = 0) -> _OracleCache:
         return _OracleCache()
@@ -65,7 +66,7 @@ class OracleLM:
         is_mask = (ids == self.cfg.mask_token_id).float()
         return torch.stack([positions.float(), is_mask], -1)[None]  # (1, T, 2)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, drafts: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.zeros(*h.shape[:-1], self.vocab)
         flat, rows = out.view(-1, self.vocab), h.reshape(-1, 2)
         for r, (pos, is_mask) in enumerate(rows.tolist()):
@@ -90,6 +91,7 @@ class MarkovLM:
         vocab = anchor.shape[-1]
         self.cfg = SimpleNamespace(mask_token_id=vocab, eos_token_ids=(), vocab_size=vocab)
         self.has_adapters = False
+        self.draft_vocab = None  # the decoder protocol: no draft vocabulary, every row scores the whole head
 
     def new_cache(self, batch: int = 1, capacity: int = 0) -> _OracleCache:
         return _OracleCache()
@@ -100,7 +102,7 @@ class MarkovLM:
         cache.length += len(ids)
         return ids[None, :, None].float()
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, drafts: torch.Tensor | None = None) -> torch.Tensor:
         ids = h[..., 0].long()
         is_mask = ids == self.cfg.mask_token_id
         return torch.where(is_mask[..., None], self.draft, self.anchor[ids.clamp_max(len(self.anchor) - 1)])
