@@ -36,11 +36,14 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(n) for n in ("forward.cpp", "wmm.cpp", "dense.cpp", "wmm.h", "dense.h", "simd.h")]
+
+
 def _flags() -> list[str]:
     """Compiler flags. ``IDLM_NATIVE_MARCH`` (default native) sets -march, e.g. x86-64-v3 to build and test the
     AVX2 paths on a CPU with AVX-512, x86-64-v2 for the portable ones."""
     march = os.environ.get("IDLM_NATIVE_MARCH", "native").strip() or "native"
     return ["-O3", f"-march={march}", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-std=c++17"]
+
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "why": str
