@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.idlm-installed
 
-.PHONY: demo test test-slow setup bench verify clean browser-deps native-deps serve compare vllm-env test-vllm
+.PHONY: demo test test-slow setup bench verify clean browser-deps native-deps serve compare vllm-env test-vllm soak
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ test: $(STAMP) browser-deps native-deps
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Soak test (not in `make test`): a real `idlm serve` under MINUTES of mixed HTTP load, then leak checks
+# (5xx, dropped connections, RSS / thread growth, KV blocks left in use). Exit status 1 if a target fails.
+MINUTES ?= 3
+soak: $(STAMP) native-deps
+	$(PY) -m idlm.eval.soak --minutes $(MINUTES)
 
 serve: $(STAMP) native-deps
 	$(VENV)/bin/idlm serve

@@ -92,28 +92,44 @@ async def run_choice(engine: AsyncEngine, tokenizer, request_id: str, prompt_ids
                     yield Delta("", [], [], [], "stop", stopper.matched, out.stats)
                     return
                 continue
-            ids, lps = out.new_token_ids, out.logprobs or []
+            text, keep = visible_text(detok, stopper, out.new_token_ids, out.finished)
+            ids, lps, drafted = out.new_token_ids[:keep], (out.logprobs or [])[:keep], (out.drafted or [])[:keep]
             if timing is not None:
                 timing.tokens(len(ids))
-            piece = detok.push(ids) + (detok.flush() if out.finished else "")
-            text = stopper.push(piece)
             if stopper.matched is not None:
                 stopped = True
                 engine.abort(request_id)
                 if out.finished:
-                    yield Delta(text, ids, lps, out.drafted or [], "stop", stopper.matched, out.stats)
+                    yield Delta(text, ids, lps, drafted, "stop", stopper.matched, out.stats)
                     return
-                yield Delta(text, ids, lps, out.drafted or [])
+                yield Delta(text, ids, lps, drafted)
                 continue
             if out.finished:
                 text += stopper.flush()
                 reason = out.finish_reason or "stop"
                 stop_reason = ids[-1] if reason == "stop" and ids and ids[-1] in params.stop_token_ids else None
-                yield Delta(text, ids, lps, out.drafted or [], reason, stop_reason, out.stats)
+                yield Delta(text, ids, lps, drafted, reason, stop_reason, out.stats)
                 return
-            yield Delta(text, ids, lps, out.drafted or [])
+            yield Delta(text, ids, lps, drafted)
     finally:
         await agen.aclose()
+
+
+def visible_text(detok: IncrementalDetokenizer, stopper: StopStrings, ids: list[int], finished: bool
+                 ) -> tuple[str, int]:
+    """The text that ``ids`` (one engine step's tokens) make visible, and how many of them belong to
+    the output. With stop strings the tokens are detokenized one at a time, so that a stop string
+    completed by one of them also ends the tokens (usage, logprobs) there: ISD commits several tokens
+    per step, and those after the stop string are not part of the output."""
+    if not stopper.stops or len(ids) <= 1:
+        return stopper.push(detok.push(ids) + (detok.flush() if finished else "")), len(ids)
+    text = ""
+    for k, t in enumerate(ids):
+        last = k == len(ids) - 1
+        text += stopper.push(detok.push([t]) + (detok.flush() if finished and last else ""))
+        if stopper.matched is not None:
+            return text, k + 1
+    return text, len(ids)
 
 
 async def collect(deltas: AsyncIterator[Delta], result: ChoiceResult) -> ChoiceResult:
