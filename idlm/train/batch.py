@@ -47,6 +47,8 @@ class TrainBatch:
     noisy_targets: torch.Tensor  # (R, m) long: x[i+1] at masked response slots with a next token, else -100
     clean_targets: torch.Tensor  # (R, n) long: x[i+1] where that is a response token, else -100
     draft_k: torch.Tensor  # (R, m) long: MASK's rank k (1..B) after the last visible clean token; 0 = no loss
+    clean_index: torch.Tensor  # (R, m) long: the clean-half slot of the same sample and position (whose
+    #   hidden state predicts the same next token, the soft target's teacher row); -1 at padding
     block: int  # training block size B (MASKs per block)
     n_samples: int  # samples packed into this batch
     n_response: int  # response tokens in the batch = CE_noisy denominator (spec §2.1)
@@ -138,6 +140,11 @@ def _row(samples: list[Sample], m: int, n: int, block: int, mask_id: int, pad_id
     noisy, clean = [p[0] for p in parts], [p[1] for p in parts]
     sid_noisy = [i for i, p in enumerate(noisy) for _ in p.ids]
     sid_clean = [i for i, p in enumerate(clean) for _ in p.ids]
+    clean_index, offset = [], 0  # noisy slot (sample s, loc i) -> clean slot offset(s) + i
+    for nz, cl in zip(noisy, clean):
+        clean_index += [offset + loc for loc in nz.loc]
+        offset += len(cl.ids)
+    clean_index += [-1] * (m - len(clean_index))
     pad = len(samples)  # dummy sample id of the padding
     noisy.append(_pad_part(m - len(sid_noisy), pad_id))
     clean.append(_pad_part(n - len(sid_clean), pad_id))
@@ -152,7 +159,7 @@ def _row(samples: list[Sample], m: int, n: int, block: int, mask_id: int, pad_id
     return {"input_ids": ids, "positions": layout.loc, "attn_mask": training_mask(layout, block, attention),
             "gate": (ids[:m] == mask_id).float(), "noisy_targets": torch.tensor(cat(noisy, "targets")),
             "clean_targets": torch.tensor(cat(clean, "targets")),
-            "draft_k": torch.tensor(cat(noisy, "draft_k"))}
+            "draft_k": torch.tensor(cat(noisy, "draft_k")), "clean_index": torch.tensor(clean_index)}
 
 
 def collate(rows: list[list[Sample]], block: int, mask_id: int, pad_id: int = 0, pad_multiple: int = 8,

@@ -11,6 +11,7 @@ import ast
 import inspect
 from dataclasses import dataclass, fields
 
+from .distill import OBJECTIVES
 from .mask import ATTENTIONS
 
 MODES = ("full", "lora")
@@ -70,6 +71,15 @@ class ConvertConfig:
     max_len: int = 512  # truncate each sample (prompt + response) to this many tokens
     ce_alpha: float = 0.2  # fixed weight of CE_clean (full mode)
     auto_balance_from: int = 4  # stages with N >= this auto-balance CE_clean (detached ratio); 0 = never
+    objective: str = "ce"  # loss of the MASK rows' distribution q: ce = hard CE on the response tokens; kl =
+    #   KL(p||q), rkl = KL(q||p), tvd = total variation, mix = 0.5*kl + 0.5*ce, against p = the clean row's
+    #   (base model's) next-token distribution at the same position, from the same forward, without gradient
+    distill_temperature: float = 1.0  # temperature of p and q in kl/rkl/tvd/mix (kl, rkl scaled by T^2)
+    distill_top_k: int = 0  # kl/rkl/tvd/mix: compare p and q on p's top K tokens plus one bucket for the
+    #   rest of the mass; 0 = the full vocabulary
+    accept_weighting: bool = False  # weight the MASK at draft offset k by the estimated probability that
+    #   greedy ISD reaches it: the product of the acceptance rates of offsets 1..k-1 (argmax q == argmax p
+    #   given the earlier drafts agreed; a running, detached estimate over ~10 steps)
     lora_rank: int = 32  # LoRA rank r (lora mode)
     lora_alpha: float = 64.0  # LoRA alpha; the update is scaled by alpha / r
     lora_targets: str = "qkv,o,gate_up,down"  # projections that get adapters
@@ -109,6 +119,15 @@ class ConvertConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not self.distill_temperature > 0 or self.distill_temperature == float("inf"):
+            raise ValueError("--distill-temperature must be > 0")
+        if self.distill_top_k < 0:
+            raise ValueError("--distill-top-k must be >= 0")
+        if self.objective == "ce" and (self.distill_temperature != 1.0 or self.distill_top_k):
+            raise ValueError("--distill-temperature and --distill-top-k need a soft --objective "
+                             "(kl, rkl, tvd or mix)")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0")
         if self.init_from is not None and self.mode != "lora":

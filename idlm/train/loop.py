@@ -30,9 +30,10 @@ from ..model.lora import add_lora, copy_lora_state
 from .batch import Sample, TrainBatch, collate, epoch_rows, truncate
 from .config import ConvertConfig, Stage
 from .data import LazyTokenizer, load_samples
+from .distill import acceptance_rates, reach_weights, update_acceptance
 from .export import ConvertedMeta, save_converted
 from .forward import forward_clean_prefix, forward_joint
-from .loss import LossOutput, LossWeights, idlm_loss
+from .loss import PLAIN_CE, LossOutput, LossWeights, NoisyTarget, idlm_loss
 from .sharding import (
     SHARDED_STATE,
     choose_sharding,
@@ -103,11 +104,11 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.mode, self.loss_chunk = model, mode, loss_chunk
 
-    def forward(self, batch: TrainBatch, weights: LossWeights, noisy_norm: float, clean_norm: float
-                ) -> tuple[torch.Tensor, LossOutput]:
+    def forward(self, batch: TrainBatch, weights: LossWeights, noisy_norm: float, clean_norm: float,
+                target: NoisyTarget = PLAIN_CE) -> tuple[torch.Tensor, LossOutput]:
         fwd = forward_clean_prefix if self.mode == "lora" else forward_joint
         out = idlm_loss(self.model, fwd(self.model, batch), batch, weights, noisy_norm, clean_norm,
-                        self.loss_chunk)
+                        self.loss_chunk, target)
         return out.loss, out
 
 
@@ -164,6 +165,9 @@ class TrainState:
     seq_tokens: int = 0  # [x_t|x_0] tokens (2·ΣL) seen, all ranks
     response_tokens: int = 0  # response tokens seen, all ranks
     elapsed: float = 0.0  # training wall time so far (s)
+    # --accept-weighting: the acceptance estimator's discounted per-offset counts (distill.py)
+    accept_accepted: list[float] = field(default_factory=list)  # reached MASK rows that agreed
+    accept_reached: list[float] = field(default_factory=list)  # MASK rows whose earlier drafts all agreed
 
 
 @dataclass(frozen=True)
@@ -324,6 +328,7 @@ class Trainer:
             g["lr"] = lr
         auto = bool(cfg.auto_balance_from) and stage.stride >= cfg.auto_balance_from
         weights = LossWeights(cfg.ce_alpha, auto, use_clean=cfg.mode == "full")
+        target = self._noisy_target(stage)
         t0 = time.perf_counter()
         batches = self._micro_batches(stage)
         counts = [sum(b.n_response for b in batches),
@@ -331,38 +336,54 @@ class Trainer:
         n_resp, n_clean = self._all_sum(counts)
         # DDP averages gradients over ranks, so normalise by the per-rank share of the global count.
         noisy_norm, clean_norm = max(n_resp, 1) / self.dist.world, max(n_clean, 1) / self.dist.world
-        stats = self._accumulate(batches, weights, noisy_norm, clean_norm)
+        stats = self._accumulate(batches, weights, noisy_norm, clean_norm, target)
         grad_norm = self._clip()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        return self._record(stage, lr, stats, grad_norm, dt, batches)
+        return self._record(stage, lr, stats, grad_norm, dt, batches, target)
+
+    def _noisy_target(self, stage: Stage) -> NoisyTarget:
+        """The MASK rows' objective for this step; with --accept-weighting, the reach weights from
+        the acceptance estimate of the steps before it."""
+        cfg = self.cfg
+        reach = (reach_weights(self.state.accept_accepted, self.state.accept_reached, stage.block)
+                 if cfg.accept_weighting else None)
+        return NoisyTarget(cfg.objective, cfg.distill_temperature, cfg.distill_top_k, reach)
 
     def _accumulate(self, batches: list[TrainBatch], weights: LossWeights, noisy_norm: float,
-                    clean_norm: float) -> dict[str, torch.Tensor]:
+                    clean_norm: float, target: NoisyTarget = PLAIN_CE) -> dict[str, torch.Tensor]:
         amp = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        total = {"loss": 0.0, "ce_noisy": 0.0, "ce_clean": 0.0, "hits": 0, "count": 0}
+        total = {"loss": 0.0, "ce_noisy": 0.0, "ce_clean": 0.0, "hits": 0, "count": 0, "soft_noisy": 0.0,
+                 "agree": 0, "chain_accepted": 0, "chain_reached": 0}
         for i, batch in enumerate(batches):
             with grad_sync(self.objective, self.sharding, sync=i == len(batches) - 1):
                 with amp:
-                    loss, out = self.objective(batch, weights, noisy_norm, clean_norm)
+                    loss, out = self.objective(batch, weights, noisy_norm, clean_norm, target)
                 loss.backward()
             total["loss"] += loss.detach()
             total["ce_noisy"] += out.ce_noisy
             total["ce_clean"] += out.ce_clean if out.ce_clean is not None else 0.0
             total["hits"] += out.draft_correct
             total["count"] += out.draft_count
+            if out.soft_noisy is not None:
+                total["soft_noisy"] += out.soft_noisy
+            if out.agree_correct is not None:
+                total["agree"] += out.agree_correct
+                total["chain_accepted"] += out.chain_accepted
+                total["chain_reached"] += out.chain_reached
         return total
 
     def _clip(self) -> float:
         return clip_grad_norm(self.params, self.cfg.grad_clip)
 
     def _record(self, stage: Stage, lr: float, s: dict, grad_norm: float, dt: float,
-                batches: list[TrainBatch]) -> dict:
+                batches: list[TrainBatch], target: NoisyTarget = PLAIN_CE) -> dict:
         w = self.dist.world
         scal = self._all_sum([float(s["loss"]), float(s["ce_noisy"]), float(s["ce_clean"]),
                               sum(b.n_seq_tokens for b in batches), sum(b.n_response for b in batches)])
         hits, count = self._all_sum(s["hits"].tolist()), self._all_sum(s["count"].tolist())
+        extra = self._distill_record(s, target, count, stage.block)
         self.state.step += 1
         self.state.seq_tokens += int(scal[3])
         self.state.response_tokens += int(scal[4])
@@ -374,7 +395,30 @@ class Trainer:
                 "draft_count": [int(c) for c in count], "grad_norm": grad_norm,
                 "tok_s": scal[3] / dt, "resp_tok_s": scal[4] / dt, "step_s": dt,
                 "seq_tokens": self.state.seq_tokens, "response_tokens": self.state.response_tokens,
-                "elapsed": round(self.state.elapsed, 3), "peak_mem_mb": round(_peak_memory_mb(self.device))}
+                "elapsed": round(self.state.elapsed, 3), "peak_mem_mb": round(_peak_memory_mb(self.device)),
+                **extra}
+
+    def _distill_record(self, s: dict, target: NoisyTarget, count: list[float], block: int) -> dict:
+        """The log fields of --objective / --accept-weighting (all ranks summed), and the update of
+        the acceptance estimate with this step's counts. ``soft_noisy`` is the MASK rows' divergence
+        from p (named by ``objective``; kl for mix), ``agree`` the per-offset rate of argmax q ==
+        argmax p, ``reach`` the weights this step used and ``accept_est`` the acceptance rates the
+        next step's weights come from."""
+        rec: dict = {"objective": target.objective}
+        if target.soft:
+            rec["soft_noisy"] = self._all_sum([float(s["soft_noisy"])])[0] / self.dist.world
+        if not target.needs_teacher:
+            return rec
+        agree = self._all_sum(s["agree"].tolist())
+        rec["agree"] = [a / c if c else None for a, c in zip(agree, count)]
+        if target.reach is not None:
+            acc, rch = self._all_sum(s["chain_accepted"].tolist()), self._all_sum(s["chain_reached"].tolist())
+            st = self.state
+            st.accept_accepted, st.accept_reached = update_acceptance(st.accept_accepted, st.accept_reached,
+                                                                      acc, rch)
+            rec["reach"] = list(target.reach)
+            rec["accept_est"] = acceptance_rates(st.accept_accepted, st.accept_reached, block)
+        return rec
 
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> ConvertResult:
@@ -397,7 +441,8 @@ class Trainer:
                 with log.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
             bar.update(1)
-            bar.set_postfix(N=rec["stride"], loss=f"{last:.3f}", acc1=_fmt(rec["draft_acc"][0]),
+            soft = {_soft_name(rec["objective"]): f"{rec['soft_noisy']:.3f}"} if "soft_noisy" in rec else {}
+            bar.set_postfix(N=rec["stride"], loss=f"{last:.3f}", **soft, acc1=_fmt(rec["draft_acc"][0]),
                             tok_s=f"{rec['tok_s']:.0f}")
             if cfg.save_every and rec["step"] % cfg.save_every == 0 and rec["step"] < end:
                 self.save_checkpoint()
@@ -442,6 +487,11 @@ def _base_name(model: str | None) -> str:
         return DEFAULT_MODEL
     p = Path(model).expanduser()
     return str(p.resolve()) if p.exists() else model
+
+
+def _soft_name(objective: str) -> str:
+    """Progress-bar name of the soft loss: the divergence it is (mix logs its kl part)."""
+    return "kl" if objective == "mix" else objective
 
 
 def _fmt(v: float | None) -> str:
