@@ -129,6 +129,7 @@ def test_bench_ends_with_json_line(tmp_path: Path) -> None:
     assert "gsm8k" not in ar  # a prompt file is not scored
 
 
+@pytest.mark.slow  # ~50 s; test_bench_ends_with_json_line covers the command in the default run
 def test_bench_scores_the_gsm8k_slice(tmp_path: Path) -> None:
     r = run_cli(["bench", "--modes", "ar,isd", "--prompts", "2", "--max-new-tokens", "8", "--threads", "2",
                  "--kv-cache-gb", "0.1", "--plots", ""])

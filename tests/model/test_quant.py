@@ -127,6 +127,7 @@ def test_a_fused_projection_mixing_block_types_is_packed_part_by_part() -> None:
     assert (got[32:] - torch.from_numpy(b)).abs().max() < 0.1 * abs(b).max()  # int4 of dense values
 
 
+@pytest.mark.slow  # ~35 s; the GGUF block tests above check the same codes against gguf
 @torch.inference_mode()
 def test_packed_default_model_layers_equal_its_dense_weights() -> None:
     """Every fused projection packed from the GGUF (q/k rows un-permuted, q|k|v and gate|up stacked)

@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import openai
+import pytest
 
 from .conftest import start_server
 
 PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. How many in all?"
 
 
+@pytest.mark.slow  # ~140 s on the 2-core CI machine; test_eval_server checks server == in-process by default
 def test_served_greedy_text_equals_idlm_generate(tmp_path) -> None:
     cli = subprocess.run([sys.executable, "-m", "idlm.cli", "generate", "--prompt", PROMPT, "--chat", "--json",
                           "--max-new-tokens", "48", "--threads", "1"], capture_output=True, text=True, timeout=300, check=False)

@@ -181,6 +181,7 @@ def check_real_run(r: SoakReport, seconds: float) -> None:
     assert r.server_exit_code == 0
 
 
+@pytest.mark.slow  # ~35 s; `make soak` is the real run
 def test_soak_20_s_on_a_real_server(tiny_chat_model: Path, tmp_path: Path) -> None:
     cfg = SoakConfig(minutes=20 / 60, clients=3, bucket_s=10, model=str(tiny_chat_model), threads=1,
                      serve_args=("--dtype", "fp32"), server_log=str(tmp_path / "serve.log"), verbose=False)

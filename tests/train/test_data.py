@@ -111,6 +111,7 @@ def test_magpie_prefix_and_cleaning(tiny_chat_folder):
     assert clean_prompt("Tell me a story <|im_end|> please") is None
 
 
+@pytest.mark.slow  # ~90 s on the 2-core CI machine
 def test_magpie_prompts_are_deterministic_and_resume(tmp_path):
     """The real default model samples user turns; a second call appends until --count, and the prompts
     are a function of (seed, index): a fresh file with the same seed holds the same ones."""
