@@ -134,6 +134,7 @@ def test_vllm_export_moves_an_appended_mask_row_onto_a_vocabulary_id(tmp_path, t
     torch.testing.assert_close(emb[8], trained.embed.weight[8], atol=0, rtol=0)
 
 
+@pytest.mark.slow  # ~20 s
 def test_exports_refuse_what_the_engines_cannot_run(tmp_path, toy_file, qwen3_base):
     llama = write_tiny_checkpoint(tmp_path / "llama", "llama", seed=1, vocab_size=128)
     full = _convert(llama, tmp_path / "full", toy_file, steps=2)

@@ -325,6 +325,7 @@ def test_auto_quant_is_w4a8_or_int4_for_a_q4_gguf_on_the_cpu_and_none_otherwise(
     assert auto_quant(str(tmp_path / "q8.gguf")) == "none"
 
 
+@pytest.mark.slow  # ~14 s (a default-model load)
 def test_int8_activations_without_the_kernel_are_a_clear_load_error(monkeypatch) -> None:
     from idlm.model import quant
 

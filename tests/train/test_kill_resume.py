@@ -113,7 +113,7 @@ def _plan(seed: int) -> list[tuple]:
     return [("state", 1, 0.0), *rest]
 
 
-@pytest.mark.parametrize("mode,seed", [("full", 11), ("lora", 12)])
+@pytest.mark.parametrize("mode,seed", [pytest.param("full", 11, marks=pytest.mark.slow), ("lora", 12)])  # ~24 s each
 def test_sigkilled_convert_resumes_to_the_uninterrupted_weights(tiny_folder, toy_data, tmp_path, mode, seed):
     settings = _settings(tiny_folder, toy_data, mode, seed)
     threads = torch.get_num_threads()

@@ -81,7 +81,8 @@ def _logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
         return model(ids, torch.arange(len(ids)), gate=gate)
 
 
-@pytest.mark.parametrize("mode,launch", [("full", "flag"), ("lora", "accelerate")])
+@pytest.mark.parametrize("mode,launch", [pytest.param("full", "flag", marks=pytest.mark.slow),  # ~30 s each
+                                         ("lora", "accelerate")])
 def test_fsdp_two_processes_checkpoint_resume_export_match_one_process(tiny_folder, toy_data, tmp_path,
                                                                        mode, launch):
     common = ["--data", str(toy_data), "--model", str(tiny_folder), "--mode", mode, "--stages", "3:4",
