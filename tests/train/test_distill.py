@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from idlm.cli import main
 from idlm.model.lora import add_lora
@@ -26,7 +25,7 @@ from idlm.train.distill import (
     update_acceptance,
 )
 from idlm.train.forward import Halves, forward_clean_prefix, forward_joint
-from idlm.train.loss import LossWeights, NoisyTarget, idlm_loss, teacher_rows
+from idlm.train.loss import LossWeights, NoisyTarget, chunked_ce, idlm_loss, teacher_rows
 
 SOFT_KINDS = ("kl", "rkl", "tvd")
 
@@ -367,37 +366,16 @@ def test_accept_weighting_scales_each_offsets_rows(tiny_model):
 
 # ---- --objective ce is the code that was there before --------------------------------------------
 
-def _old_chunked_ce(model, hidden, targets, chunk=1024):
-    """Verbatim copy of idlm/train/loss.py's chunked_ce before soft targets were added."""
-    total = hidden.sum().float() * 0.0
-    preds = []
-    for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start:start + chunk], targets[start:start + chunk]
-        if torch.is_grad_enabled() and h.requires_grad and hidden.shape[0] > chunk:
-            loss, pred = checkpoint(_old_ce_block, model, h, t, use_reentrant=False)
-        else:
-            loss, pred = _old_ce_block(model, h, t)
-        total = total + loss
-        preds.append(pred)
-    pred = torch.cat(preds) if preds else targets.new_zeros(0)
-    return total, pred
-
-
-def _old_ce_block(model, h, t):
-    logits = model.logits(h)
-    return F.cross_entropy(logits, t, reduction="sum"), logits.detach().argmax(-1)
-
-
 def _old_idlm_loss(model, hidden, batch, weights, noisy_norm=None, clean_norm=None, chunk=1024):
-    """Verbatim copy of idlm_loss before soft targets were added (statistics left out)."""
+    """Verbatim copy of idlm_loss before soft targets were added (statistics left out; chunked_ce itself is unchanged)."""
     sel = batch.noisy_targets != IGNORE
     tgt = batch.noisy_targets[sel]
-    noisy_sum, _ = _old_chunked_ce(model, hidden.noisy[sel], tgt, chunk)
+    noisy_sum, _ = chunked_ce(model, hidden.noisy[sel], tgt, chunk)
     ce_noisy = noisy_sum / (noisy_norm or max(batch.n_response, 1))
     loss, ce_clean = ce_noisy, None
     if weights.use_clean:
         csel = batch.clean_targets != IGNORE
-        clean_sum, _ = _old_chunked_ce(model, hidden.clean[csel], batch.clean_targets[csel], chunk)
+        clean_sum, _ = chunked_ce(model, hidden.clean[csel], batch.clean_targets[csel], chunk)
         ce_clean = clean_sum / (clean_norm or max(int(csel.sum()), 1))
         w = (ce_noisy.detach() / (ce_clean.detach() + 1e-8) if weights.auto_balance else weights.alpha)
         loss = ce_noisy + w * ce_clean
