@@ -3,13 +3,16 @@
 Validation errors are ``ConfigError`` (a ValueError) whose message names the offending flag and whose
 ``field`` attribute names the dataclass field, so the CLI prints one clear line and the engine's
 callers (the server) can map it to their own parameter names. Nothing here reads files or touches
-devices.
+devices; ``cache_dir`` only names the folder where idlm keeps what it builds (native kernels, GGUF conversions,
+stride-calibration costs).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 MIN_STRIDE, MAX_STRIDE = 2, 8
 AUTO = "auto"
@@ -21,6 +24,11 @@ QUANT_MODES = ("none", "int8", "int4", "w8a8", "w4a8")  # idlm/model/quant.py: w
 # they are: nothing lost beyond the file's own quantization; the fastest measured here), else none
 QUANT_CHOICES = ("auto", *QUANT_MODES)
 QUANT_DEFAULT = "auto"
+
+
+def cache_dir() -> Path:
+    """$IDLM_CACHE, else ~/.cache/idlm (not created here)."""
+    return Path(os.environ.get("IDLM_CACHE", Path.home() / ".cache" / "idlm"))
 
 
 class ConfigError(ValueError):

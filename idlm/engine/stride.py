@@ -29,9 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AUTO_MAX_STRIDE
+from ..config import AUTO_MAX_STRIDE, cache_dir
 from ..metrics import EngineMetrics
-from ..model.loading import cache_dir
 from ..model.native import build_tag
 from .request import Request
 

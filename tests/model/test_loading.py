@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from idlm.config import cache_dir
 from idlm.model import ModelConfig, ModelLoadError, UnsupportedModelError, load_folder, load_model, loading
 from idlm.model.config import QWEN_MASK_TOKEN_ID, resolve_mask_token_id
 from idlm.model.rope import inv_freq_and_scale
@@ -345,7 +346,7 @@ def test_default_model_answers_and_matches_transformers() -> None:
 
     lm = load_model(loading.DEFAULT_MODEL)  # the bare base model (None = base + shipped R-ISD adapter)
     assert lm.name == loading.DEFAULT_MODEL and lm.meta is None
-    assert (lm.folder / "config.json").exists() and lm.folder.is_relative_to(loading.cache_dir())
+    assert (lm.folder / "config.json").exists() and lm.folder.is_relative_to(cache_dir())
     model, cfg = lm.model, lm.model.cfg
     assert cfg.model_type == "llama" and cfg.mask_is_new_row and cfg.mask_token_id == cfg.vocab_size
 

@@ -91,7 +91,7 @@ def load() -> bool:
         try:
             from torch.utils.cpp_extension import load as cpp_load
 
-            from ..loading import cache_dir
+            from ...config import cache_dir
 
             src = b"".join(p.read_bytes() for p in SOURCES)
             flags = _flags()
