@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MIN_STRIDE, MAX_STRIDE = 2, 8
 AUTO = "auto"
@@ -24,6 +25,16 @@ QUANT_MODES = ("none", "int8", "int4", "w8a8", "w4a8")  # idlm/model/quant.py: w
 # they are: nothing lost beyond the file's own quantization; the fastest measured here), else none
 QUANT_CHOICES = ("auto", *QUANT_MODES)
 QUANT_DEFAULT = "auto"
+DTYPE_CHOICES = ("fp32", "bf16")
+KV_BLOCK_DIVIDES = 128  # --block-size must divide this (model.attention.KEY_BLOCK, the key padding quantum)
+
+
+def opt(default: Any = None, *, choices: tuple | None = None, metavar: str | None = None,
+        positional: bool = False, required: bool = False) -> Any:
+    """A dataclass field with how its command-line flag looks (the CLI reads the metadata; the field's trailing
+    comment is the flag's --help text). ``required``: no default (the flag must be given)."""
+    meta = {k: v for k, v in {"choices": choices, "metavar": metavar, "positional": positional}.items() if v}
+    return field(metadata=meta) if required else field(default=default, metadata=meta)
 
 
 def cache_dir() -> Path:
@@ -153,45 +164,104 @@ class DecodeConfig:
             + min(self.tree, self.n_drafts) * self.n_drafts
 
 
-@dataclass
-class ServerConfig:
-    """`idlm serve` settings. Field comments double as ``--help`` texts."""
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model an inference command loads, and how (``model.loading.load_for_inference``)."""
 
-    model: str | None = None  # model folder, converted model, .gguf file or hub id (default: the embedded
-    # SmolLM2-135M-Instruct with the shipped R-ISD drafter)
-    host: str = "127.0.0.1"  # address to bind (127.0.0.1: this machine only)
-    port: int = 8000  # TCP port
-    stride: int | str = "auto"  # ISD stride N in 2..8, or auto (the engine picks N each step from the load)
-    mode: str = "isd"  # default decoder for requests that do not say: isd or ar
-    tree: int = 0  # ISD draft trees: at most K extra branches per window from the drafter's second choices (0 = off)
-    dtype: str = "bf16"  # fp32 or bf16
-    quant: str = QUANT_DEFAULT  # weight-only quantization: auto, none, int8 or int4 (CPU kernels; see README)
-    draft_vocab: str = "auto"  # tokens MASK rows may propose: auto (the model's draft_vocab.json), full, or a count K
-    api_key: str | None = None  # require 'Authorization: Bearer KEY' on /v1/*, /metrics and the tokenizer routes
-    # (default: $IDLM_API_KEY; none = open)
-    max_running: int = 16  # requests decoding at once
-    max_queue: int = 64  # requests waiting beyond those; more are refused with 503 + Retry-After
-    kv_cache_gb: float | None = None  # KV cache pool in GiB (default: a quarter of free memory, at most 4)
-    max_batched_tokens: int = 512  # tokens per forward: decode windows first, prompt chunks get the rest
-    max_model_len: int | None = None  # context limit, prompt + output (default: the model's)
-    served_model_name: str | None = None  # the model id clients send and /v1/models lists (default: derived
-    # from --model)
-    shutdown_timeout: float = 30.0  # on SIGTERM: seconds to let in-flight requests finish before aborting them
-    max_body_bytes: int = 8 * 2 ** 20  # largest request body; bigger ones get 413
+    model: str | None = opt(None, metavar="PATH_OR_ID")  # model folder, converted model, .gguf file or hub id
+    #   (default: the embedded SmolLM2-135M-Instruct with the shipped R-ISD drafter; smollm2-135m-instruct = bare base)
+    dtype: str | None = opt("bf16", choices=DTYPE_CHOICES)  # weight/activation dtype; greedy ISD reproduces greedy
+    #   AR bit for bit in both (see README)
+    quant: str = opt(QUANT_DEFAULT, choices=QUANT_CHOICES)  # quantization for the CPU (idlm's kernels; PyTorch's
+    #   where no C++ compiler is found): int4 (groups of 32; a GGUF's Q4_0/Q4_1/Q4_K blocks packed as they are) or
+    #   int8 (per row) weights with bf16 activations; w4a8 / w8a8: the same weights with activations in int8 per
+    #   group of 32 (as llama.cpp runs a Q4 GGUF; needs idlm's kernels); none = the dense --dtype weights; auto =
+    #   w4a8 (else int4) for a GGUF with Q4 blocks on the CPU, else none; greedy ISD == greedy AR of the same
+    #   network in each
+    draft_vocab: str = opt("auto", metavar="auto|full|K")  # tokens a MASK row may propose: K = the K most frequent
+    #   in the drafter's training data (the model folder's draft_vocab.json, from `idlm data vocab`), full = all;
+    #   auto = the file's measured K, or all without a file. Drafts only: the output never changes
     threads: int | None = None  # torch CPU threads (default: all cores)
 
     def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}", "dtype")
+        if self.quant not in QUANT_CHOICES:
+            raise ConfigError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}", "quant")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 0):
+            raise ConfigError(f"--threads must be >= 1, got {self.threads!r}", "threads")
+        parse_draft_vocab(str(self.draft_vocab))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits (``engine.LLMEngine``)."""
+
+    max_running: int = 16  # requests decoding at once (the rest wait in a queue)
+    max_batched_tokens: int = 512  # tokens per forward: decode windows first, long prompts are chunked into the rest
+    block_size: int = 16  # tokens per KV block
+    kv_cache_gb: float | None = None  # KV cache pool size in GiB (default: a quarter of free memory, at most 4,
+    #   at most what max_running requests of max_model_len tokens can use)
+    num_blocks: int | None = None  # exact KV pool size in blocks (overrides kv_cache_gb; tests)
+    max_model_len: int | None = None  # context limit, prompt + output (default: the model's)
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_batched_tokens", "block_size"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}", name)
+        if KV_BLOCK_DIVIDES % self.block_size:
+            raise ConfigError(f"--block-size must divide {KV_BLOCK_DIVIDES}, got {self.block_size}", "block_size")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ConfigError(f"num_blocks must be >= 2, got {self.num_blocks}", "num_blocks")
+        if self.kv_cache_gb is not None:
+            _finite("kv_cache_gb", "--kv-cache-gb", self.kv_cache_gb)
+
+
+SERVER_ENGINE_FLAGS = ("max_running", "kv_cache_gb", "max_batched_tokens", "max_model_len")  # EngineConfig's flags
+
+
+@dataclass
+class ServerConfig:
+    """`idlm serve` settings: the model, the engine and the HTTP side. Field comments double as ``--help``
+    texts."""
+
+    load: ModelOptions = field(default_factory=ModelOptions)  # what to serve
+    engine: EngineConfig = field(default_factory=EngineConfig)  # engine limits
+    host: str = "127.0.0.1"  # address to bind (127.0.0.1: this machine only)
+    port: int = 8000  # TCP port
+    stride: int | str = "auto"  # ISD stride N in 2..8, or auto (the engine picks N each step from the load)
+    mode: str = opt("isd", choices=("isd", "ar"))  # default decoder for requests that do not say: isd or ar
+    tree: int = 0  # ISD draft trees: at most K extra branches per window from the drafter's second choices (0 = off)
+    api_key: str | None = None  # require 'Authorization: Bearer KEY' on /v1/*, /metrics and the tokenizer routes
+    #   (default: $IDLM_API_KEY; none = open)
+    max_queue: int = 64  # requests waiting beyond those; more are refused with 503 + Retry-After
+    served_model_name: str | None = None  # the model id clients send and /v1/models lists (default: derived
+    #   from --model)
+    shutdown_timeout: float = 30.0  # on SIGTERM: seconds to let in-flight requests finish before aborting them
+    max_body_bytes: int = 8 * 2 ** 20  # largest request body; bigger ones get 413
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stride, str) and self.stride != AUTO:
+            try:
+                self.stride = int(self.stride)
+            except ValueError:
+                raise ConfigError(f"--stride must be an integer in {MIN_STRIDE}..{MAX_STRIDE} or 'auto', "
+                                  f"got {self.stride!r}", "stride") from None
         DecodeConfig(mode=self.mode, stride=self.stride, tree=self.tree)  # the server's default decoding: same rules
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}", "port")
-        for name in ("max_running", "max_batched_tokens", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1", name)
+        if self.max_body_bytes < 1:
+            raise ConfigError("--max-body-bytes must be >= 1", "max_body_bytes")
         if self.max_queue < 0 or self.shutdown_timeout < 0:
             raise ConfigError("--max-queue and --shutdown-timeout must be >= 0", "max_queue")
         if self.api_key == "":
             raise ConfigError("--api-key is empty", "api_key")
-        parse_draft_vocab(str(self.draft_vocab))
+
+    @property
+    def max_admitted(self) -> int:
+        """Requests the server holds at once: running plus queued."""
+        return self.engine.max_running + self.max_queue
 
 
 def parse_draft_vocab(text: str) -> str | int:

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from ..config import MAX_STRIDE, ConfigError, DecodeConfig, SamplingParams
+from ..config import KV_BLOCK_DIVIDES, MAX_STRIDE, ConfigError, DecodeConfig, EngineConfig, SamplingParams
 from ..decode import ISDState, isd_step, pick, randomness
 from ..decode.isd import Stopper
 from ..metrics import DecodeStats, EngineMetrics
@@ -41,32 +40,12 @@ from .runner import ModelRunner
 from .scheduler import ScheduledItem, Scheduler, SchedulerConfig
 from .stride import CostModel, WindowPolicy
 
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine limits. Field comments double as ``--help`` texts."""
-
-    max_running: int = 16  # --max-running: requests decoding at once (the rest wait in a queue)
-    max_batched_tokens: int = 512  # --max-batched-tokens: tokens per forward; prompt chunks get what windows leave
-    block_size: int = 16  # --block-size: tokens per KV block
-    kv_cache_gb: float | None = None  # --kv-cache-gb: KV pool size (default: 1/4 of free memory, at most 4 GiB,
-    # at most what max_running requests of max_model_len tokens can use)
-    num_blocks: int | None = None  # exact KV pool size in blocks (overrides kv_cache_gb; tests)
-    max_model_len: int | None = None  # --max-model-len: prompt + output limit (default: the model's)
-
-    def __post_init__(self) -> None:
-        for name in ("max_running", "max_batched_tokens", "block_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}", name)
-        if KEY_BLOCK % self.block_size:
-            raise ConfigError(f"--block-size must divide {KEY_BLOCK}, got {self.block_size}", "block_size")
-        if self.num_blocks is not None and self.num_blocks < 2:
-            raise ConfigError(f"num_blocks must be >= 2, got {self.num_blocks}", "num_blocks")
+assert KEY_BLOCK == KV_BLOCK_DIVIDES, "idlm.config.EngineConfig checks block sizes against attention.KEY_BLOCK"
 
 
 class LLMEngine:
-    def __init__(self, model: Decoder, config: EngineConfig = EngineConfig(), cost: CostModel | None = None):
+    def __init__(self, model: Decoder, config: EngineConfig | None = None, cost: CostModel | None = None):
+        config = config or EngineConfig()
         self.model, self.config = model.eval(), config
         cfg = model.cfg
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -98,13 +99,78 @@ class RunResult:
         return d
 
 
+@dataclass(frozen=True)
+class BenchPlan:
+    """Everything one ``idlm bench`` run measures: each mode at each concurrency, each ISD configuration,
+    ``repeats`` times round-robin (the median run is reported), against one batch-1 AR oracle."""
+
+    modes: tuple[str, ...]  # of MODES
+    decodes: tuple[DecodeConfig, ...]  # the ISD configurations (stride x fallback x tree)
+    concurrency: tuple[int, ...]  # requests in flight, one engine run each
+    params: SamplingParams  # the same for every run
+    engine: EngineConfig = field(default_factory=EngineConfig)  # max_running is set per concurrency
+    repeats: int = 1
+    gguf: str | None = None  # llamacpp mode: the model's GGUF file
+    hf_dtype: torch.dtype = torch.bfloat16  # hf mode: transformers' weights dtype
+
+
+def _plan_runs(lm: LoadedModel, prompts: list[list[int]], plan: BenchPlan) -> list[Callable[[], RunResult]]:
+    """One thunk per measured configuration; the batch-1 and peer modes run once per repeat."""
+    cost = CostModel.for_model(lm.model) if "isd" in plan.modes and any(d.adaptive for d in plan.decodes) else None
+    p, e = plan.params, plan.engine
+    runs: list[Callable[[], RunResult]] = []
+    for c in plan.concurrency:
+        for m in plan.modes:
+            if m == "ar":
+                runs.append(lambda c=c: run_engine(lm, prompts, DecodeConfig(mode="ar"), p, c, e, cost, f"ar C={c}"))
+            elif m == "isd":
+                runs += [lambda c=c, d=d: run_engine(lm, prompts, d, p, c, e, cost, f"isd N={d.stride} C={c}")
+                         for d in plan.decodes]
+            elif c != plan.concurrency[0]:
+                continue  # one-at-a-time references: once per repeat
+            elif m == "ar-b1":
+                runs.append(lambda: run_batch1(lm, prompts, DecodeConfig(mode="ar"), p, "ar-b1"))
+            elif m == "isd-b1":
+                runs += [lambda d=d: run_batch1(lm, prompts, d, p, f"isd-b1 N={d.stride}")
+                         for d in plan.decodes if not d.auto]
+            elif m == "llamacpp":
+                runs.append(lambda: run_llamacpp(plan.gguf, prompts, p, lm.model.cfg.eos_token_ids,
+                                                 torch.get_num_threads()))
+            else:
+                runs.append(lambda: run_hf(lm, prompts, p, plan.hf_dtype))
+    return runs
+
+
+def run_plan(lm: LoadedModel, prompts: list[list[int]], plan: BenchPlan) -> list[RunResult]:
+    """Run the plan: the batch-1 AR oracle first, then every configuration ``repeats`` times round-robin;
+    returns the median run (by total tok/s) of each, with ``identical`` filled in against the oracle."""
+    oracle = run_batch1(lm, prompts, DecodeConfig(mode="ar", sampling_mode=plan.decodes[0].sampling_mode),
+                        plan.params, desc="oracle: batch-1 AR")
+    runs = _plan_runs(lm, prompts, plan)
+    trials: list[list[RunResult]] = [[] for _ in runs]
+    for _ in range(plan.repeats):
+        for k, run in enumerate(runs):
+            trials[k].append(run())
+    results = [sorted(t, key=lambda r: r.total_tokens_per_s)[len(t) // 2] for t in trials]
+    for r in results:
+        r.identical = round(sum(a == b for a, b in zip(oracle.outputs, r.outputs)) / len(prompts), 4)
+    return results
+
+
+def score_outputs(results: list[RunResult], task, examples: list, tokenizer) -> None:
+    """Fill in each run's ``quality``: the task's mean scores of its decoded outputs (GSM8K strict / flexible)."""
+    for r in results:
+        sc = [task.score(e, tokenizer.decode(o, skip_special_tokens=True)).values for e, o in zip(examples, r.outputs)]
+        r.quality = {k: sum(v[k] for v in sc) / len(sc) for k in sc[0]}
+
+
 def run_engine(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, params: SamplingParams,
                concurrency: int, engine_cfg: EngineConfig, cost: CostModel | None = None,
                desc: str = "") -> RunResult:
     """Serve ``prompts`` through a fresh engine with at most ``concurrency`` requests in flight."""
     stride = 1 if cfg.mode == "ar" else cfg.stride
     res = RunResult(cfg.mode, stride, cfg.fallback if cfg.mode == "isd" else False, concurrency, cfg.tree)
-    eng = LLMEngine(lm.model, EngineConfig(**{**engine_cfg.__dict__, "max_running": concurrency}), cost=cost)
+    eng = LLMEngine(lm.model, replace(engine_cfg, max_running=concurrency), cost=cost)
     eng.generate([prompts[0][:16]], SamplingParams(max_new_tokens=4), cfg)  # warm-up, not timed
     eng.metrics.__init__(kv_blocks_total=eng.blocks.num_total)
     eng.stride_policy.chosen.clear()

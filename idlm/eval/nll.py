@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..data.records import Sample
 from ..model.decoder import Decoder
-from ..train.batch import Sample
 
 
 @dataclass(frozen=True)

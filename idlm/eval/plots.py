@@ -14,16 +14,23 @@ def _label(r: dict) -> str:
 
 
 def write_bench_plots(results: list[dict], out_dir: str | Path, title: str = "") -> list[Path]:
+    """Three PNGs from ``idlm bench``'s result rows: throughput vs concurrency, acceptance per draft position
+    and TPF vs stride."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    isd = [r for r in results if r["mode"] == "isd" and r.get("acceptance_at")]
+    return [_throughput(results, title, out / "throughput_vs_concurrency.png"),
+            _acceptance(isd, out / "acceptance_per_position.png"),
+            _tpf(isd, out / "tpf_vs_stride.png")]
 
-    # 1. total throughput vs concurrency, one line per configuration
+
+def _throughput(results: list[dict], title: str, path: Path) -> Path:
+    """Total throughput vs concurrency, one line per configuration."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     series: dict[str, list[tuple[int, float]]] = {}
     for r in results:
@@ -41,11 +48,14 @@ def write_bench_plots(results: list[dict], out_dir: str | Path, title: str = "")
     ax.set_title(title or "throughput vs concurrency")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    written.append(_save(fig, out / "throughput_vs_concurrency.png"))
+    return _save(fig, path)
 
-    isd = [r for r in results if r["mode"] == "isd" and r.get("acceptance_at")]
+
+def _acceptance(isd: list[dict], path: Path) -> Path:
+    """Acceptance per draft position at the lowest concurrency, one line per stride."""
+    import matplotlib.pyplot as plt
+
     c0 = min((r["concurrency"] for r in isd), default=None)
-    # 2. acceptance per draft position (lowest concurrency, one line per stride)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in isd:
         if r["concurrency"] == c0:
@@ -59,9 +69,13 @@ def write_bench_plots(results: list[dict], out_dir: str | Path, title: str = "")
     ax.grid(alpha=0.3)
     if isd:
         ax.legend(fontsize=8)
-    written.append(_save(fig, out / "acceptance_per_position.png"))
+    return _save(fig, path)
 
-    # 3. TPF vs stride N, one line per concurrency (fixed strides only)
+
+def _tpf(isd: list[dict], path: Path) -> Path:
+    """TPF vs stride N, one line per concurrency (fixed strides only), against the every-draft-accepted line."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     by_c: dict[int, list[tuple[int, float]]] = {}
     for r in isd:
@@ -80,8 +94,7 @@ def write_bench_plots(results: list[dict], out_dir: str | Path, title: str = "")
     ax.set_ylabel("tokens per forward (TPF)")
     ax.set_title("TPF vs stride")
     ax.grid(alpha=0.3)
-    written.append(_save(fig, out / "tpf_vs_stride.png"))
-    return written
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

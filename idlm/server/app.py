@@ -128,12 +128,13 @@ class Server:
 
     def admit(self, n: int) -> _Admission:
         cfg = self.s.config
-        if n > cfg.max_running + cfg.max_queue:  # more than the server ever takes: retrying cannot help
+        if n > cfg.max_admitted:  # more than the server ever takes: retrying cannot help
             raise bad(f"this request asks for {n} choices (prompts × n); the server takes at most "
-                      f"{cfg.max_running + cfg.max_queue} at once", "n")
-        if self.s.active + n > cfg.max_running + cfg.max_queue:
+                      f"{cfg.max_admitted} at once", "n")
+        if self.s.active + n > cfg.max_admitted:
             self.s.metrics.rejected.inc()
-            raise APIError(503, f"the server is at capacity ({cfg.max_running} running + {cfg.max_queue} queued); "
+            raise APIError(503, f"the server is at capacity ({cfg.engine.max_running} running + {cfg.max_queue} "
+                                "queued); "
                                 "retry later", code="server_overloaded", headers={"Retry-After": "1"})
         return _Admission(self.s, n)
 
@@ -488,7 +489,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(state.started),
-                                            "owned_by": "idlm", "root": state.config.model or state.model_name,
+                                            "owned_by": "idlm", "root": state.config.load.model or state.model_name,
                                             "max_model_len": state.max_model_len}]}
 
     @app.get("/metrics")

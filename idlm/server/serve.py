@@ -36,30 +36,16 @@ def default_model_name(model: str | None) -> str:
 def load_into(state: ServerState, server: DrainingServer | None = None) -> None:
     """Load the model, tokenizer and engine into ``state`` (runs in a thread while HTTP is up). If
     loading fails, the error is kept (``/health`` says it) and the server is told to exit."""
-    from ..commands import DTYPES
-    from ..engine import AsyncEngine, EngineConfig, LLMEngine
-    from ..model import load_model
+    from ..engine import AsyncEngine, LLMEngine
+    from ..model import USER_ERRORS, load_for_inference
 
     cfg = state.config
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        from ..config import parse_draft_vocab
-
-        lm = load_model(cfg.model, dtype=DTYPES[cfg.dtype], quant=cfg.quant,
-                        draft_vocab=parse_draft_vocab(str(cfg.draft_vocab)))
-        if lm.quant is not None:
-            print(f"idlm: {lm.quant.summary()}", file=sys.stderr, flush=True)
-        if lm.rowcheck is not None:
-            print(f"idlm: {lm.rowcheck.summary()}", file=sys.stderr, flush=True)
-        from ..model.native import describe
-
-        print(f"idlm: forward: {describe(lm.model)}", file=sys.stderr, flush=True)
+        lm = load_for_inference(cfg.load)
+        for line in [*lm.report(), f"forward: {lm.forward}"]:
+            print(f"idlm: {line}", file=sys.stderr, flush=True)
         tok = lm.tokenizer()
-        ecfg = EngineConfig(max_running=cfg.max_running, max_batched_tokens=cfg.max_batched_tokens,
-                            kv_cache_gb=cfg.kv_cache_gb, max_model_len=cfg.max_model_len)
-        engine = LLMEngine(lm.model, ecfg)
+        engine = LLMEngine(lm.model, cfg.engine)
         if cfg.stride == "auto":
             _ = engine.stride_policy.cost  # calibrate now (cached on disk), not on the first request
         # warm the kernels on a short request so the first client does not pay for it
@@ -74,8 +60,6 @@ def load_into(state: ServerState, server: DrainingServer | None = None) -> None:
         aeng.start()
         state.engine = aeng
     except Exception as e:  # noqa: BLE001 - reported on /health, then the process exits 2
-        from ..commands import USER_ERRORS
-
         why = str(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}"
         state.load_error = " ".join(why.split())
         if server is not None:
@@ -128,9 +112,9 @@ def serve(cfg: ServerConfig) -> int:
 
     if cfg.api_key is None:
         cfg.api_key = os.environ.get("IDLM_API_KEY") or None
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.load.threads or os.cpu_count() or 1)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    state = ServerState(cfg, cfg.served_model_name or default_model_name(cfg.model))
+    state = ServerState(cfg, cfg.served_model_name or default_model_name(cfg.load.model))
     state.metrics = ServerMetrics(state.model_name, lambda: state.engine.metrics() if state.engine else None)
     app = build_app(state)
     server = DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",

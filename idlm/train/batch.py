@@ -20,20 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.records import Sample
 from .mask import RowLayout, training_mask
 
 IGNORE = -100  # target value meaning "no loss here"
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One training example: token ids of the chat prompt and of the (self-generated) response."""
-
-    prompt_ids: tuple[int, ...]  # chat-templated prompt, ends with the assistant header
-    response_ids: tuple[int, ...]  # the assistant turn, including its end-of-turn token
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.response_ids)
 
 
 @dataclass

@@ -1,15 +1,13 @@
-"""Typed, frozen configs of ``idlm convert`` and ``idlm data generate``.
+"""Typed, frozen config of ``idlm convert``.
 
-Each field's trailing comment is its ``--help`` text (``field_help`` extracts it for the CLI). The
+Each field's trailing comment is its ``--help`` text (``idlm.cli.flags`` reads it). The
 stride curriculum is given as stages ``"N:STEPS,..."``: stage N trains block size B = N − 1 MASKs per
 block (spec §1.6), so it serves ISD at stride N.
 """
 
 from __future__ import annotations
 
-import ast
-import inspect
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from .distill import OBJECTIVES
 from .mask import ATTENTIONS
@@ -150,45 +148,3 @@ class ConvertConfig:
     @property
     def target_list(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-
-
-@dataclass(frozen=True)
-class DataGenConfig:
-    """Regenerate assistant turns with the base model itself (self-distillation data, spec §2.5)."""
-
-    prompts: tuple[str, ...]  # sources: gsm8k (train split), builtin, JSONL of {"prompt"} / {"messages"}
-    out: str  # output JSONL; appended to, prompts already present are skipped (resume)
-    model: str | None = None  # base model; default: the embedded SmolLM2-135M-Instruct
-    max_new_tokens: int = 256  # generation length cap per response
-    temperature: float = 0.0  # 0 = greedy (the decoding the ISD target reproduces); > 0 samples
-    limit: int = 0  # use at most this many prompts (0 = all)
-    batch_size: int = 8  # requests the engine keeps in flight
-    seed: int = 0  # sampling seed and prompt-shuffle seed
-    shuffle: bool = True  # shuffle the prompt list (seeded) before applying --limit
-    device: str = "auto"  # cpu | cuda | auto
-    progress: bool = True  # show a progress bar
-
-    def __post_init__(self) -> None:
-        if not self.prompts:
-            raise ValueError("--prompts: give at least one source")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.limit < 0:
-            raise ValueError("--max-new-tokens and --batch-size must be >= 1, --limit >= 0")
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """Field name → its trailing comment, for argparse ``help=`` (CLI wiring)."""
-    src = inspect.getsource(cls).splitlines()
-    tree = ast.parse("\n".join(src).strip() if src[0].startswith(" ") else "\n".join(src))
-    names = {f.name for f in fields(cls)}
-    out: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in names:
-            line = src[node.lineno - 1]
-            if "#" in line:
-                text = line.split("#", 1)[1].strip()
-                k = node.lineno
-                while k < len(src) and src[k].strip().startswith("#"):  # a comment continued below the field
-                    text += " " + src[k].strip()[1:].strip()
-                    k += 1
-                out[node.target.id] = text
-    return out

@@ -23,15 +23,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..config import ConfigError
+from ..data.records import LazyTokenizer, load_samples
 from ..model.converted import ADAPTER_FILE
 from ..model.decoder import Decoder
 from ..model.loading import DEFAULT_MODEL, load_model
 from ..model.lora import add_lora, copy_lora_state
 from .batch import Sample, TrainBatch, collate, epoch_rows, truncate
+from .checkpoint import ConvertedMeta, save_converted
 from .config import ConvertConfig, Stage
-from .data import LazyTokenizer, load_samples
 from .distill import acceptance_rates, reach_weights, update_acceptance
-from .export import ConvertedMeta, save_converted
 from .forward import forward_clean_prefix, forward_joint
 from .loss import PLAIN_CE, LossOutput, LossWeights, NoisyTarget, idlm_loss
 from .sharding import (

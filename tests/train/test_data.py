@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from idlm.train.data import generate_data, gsm8k_train_path, load_prompts, load_samples
-from idlm.train.prompts import BUILTIN_PROMPTS
+from idlm.data.prompts import BUILTIN_PROMPTS
+from idlm.data.records import gsm8k_train_path, load_samples
+from idlm.data.selfdistill import generate_data, load_prompts
 
 
 def test_builtin_and_user_prompts(tmp_path):
@@ -99,7 +100,7 @@ def test_text_records_are_tokenized_with_the_chat_template(tiny_chat_folder, tmp
 def test_magpie_prefix_and_cleaning(tiny_chat_folder):
     from transformers import AutoTokenizer
 
-    from idlm.train.magpie import clean_prompt, user_prefix
+    from idlm.data.magpie import clean_prompt, user_prefix
 
     tok = AutoTokenizer.from_pretrained(str(tiny_chat_folder))
     prefix = user_prefix(tok)
@@ -115,8 +116,8 @@ def test_magpie_prefix_and_cleaning(tiny_chat_folder):
 def test_magpie_prompts_are_deterministic_and_resume(tmp_path):
     """The real default model samples user turns; a second call appends until --count, and the prompts
     are a function of (seed, index): a fresh file with the same seed holds the same ones."""
+    from idlm.data.magpie import synthesize_prompts
     from idlm.model.loading import DEFAULT_MODEL, ModelLoadError, resolve_folder
-    from idlm.train.magpie import synthesize_prompts
 
     try:
         resolve_folder(DEFAULT_MODEL)

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
+from idlm.data.records import load_samples
 from idlm.model import load_model
 from idlm.train import ConvertConfig, load_converted, run_convert
 from idlm.train import loop as loop_mod
 from idlm.train.batch import collate
-from idlm.train.data import load_samples
 from idlm.train.forward import forward_clean_prefix, forward_joint
 
 

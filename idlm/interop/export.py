@@ -30,7 +30,7 @@ import torch
 from ..model.config import QWEN_MASK_TOKEN_ID
 from ..model.converted import META_FILE, ConvertedMeta
 from ..model.loading import resolve_folder
-from .export import copy_tokenizer_files, save_json, save_safetensors
+from ..train.checkpoint import copy_tokenizer_files, save_json, save_safetensors
 
 TARGETS = ("vllm", "sglang-idlm")
 EMBED_KEY = "model.embed_tokens.weight"

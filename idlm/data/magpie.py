@@ -72,7 +72,7 @@ def synthesize_prompts(out_path: str | Path, count: int, model: str | None = Non
     from tqdm import tqdm
 
     from ..config import DecodeConfig, SamplingParams
-    from .data import BaseGenerator
+    from .selfdistill import BaseGenerator
 
     out_path = Path(out_path)
     have, index = _existing(out_path)
