@@ -5,8 +5,10 @@ from .isd import (
                   DecodeResult,
                   ISDState,
                   StepResult,
+                  StepSettings,
                   Stopper,
                   Window,
+                  WindowLogits,
                   ar_generate,
                   build_window,
                   generate,
@@ -17,6 +19,6 @@ from .isd import (
 from .sampling import KeyedNoise, next_token, pick, target_probs
 from .verify import Verdict, verify_greedy, verify_keyed, verify_sampled
 
-__all__ = ["DecodeResult", "ISDState", "KeyedNoise", "StepResult", "Stopper", "Verdict", "Window", "ar_generate",
-           "build_window", "generate", "isd_generate", "isd_step", "next_token", "pick", "randomness",
-           "target_probs", "verify_greedy", "verify_keyed", "verify_sampled"]
+__all__ = ["DecodeResult", "ISDState", "KeyedNoise", "StepResult", "StepSettings", "Stopper", "Verdict", "Window",
+           "WindowLogits", "ar_generate", "build_window", "generate", "isd_generate", "isd_step", "next_token",
+           "pick", "randomness", "target_probs", "verify_greedy", "verify_keyed", "verify_sampled"]

@@ -94,6 +94,29 @@ class StepResult:
     branch: str = "main"  # where the next drafts come from: main chain, fallback or tree branch, or none (cold)
 
 
+@dataclass(frozen=True)
+class WindowLogits:
+    """One window's logits, split by role (``Window.read``): what ``isd_step`` reads."""
+
+    main: torch.Tensor  # (>= 1 + s + n_drafts, V): anchors of the s specs, the clean slot, the MASK drafts
+    fallback: torch.Tensor | None = None  # (s, n_drafts, V): branch j drafts after a rejected specs[j]
+    tree: torch.Tensor | None = None  # (len(tree_at), n_drafts, V): tree branches, alternative's slot first
+    tree_at: tuple[int, ...] = ()  # the spec position each tree branch stands for (ISDState.alts[j])
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How one request decodes one step: its sampling rule, random sources and output index."""
+
+    n_drafts: int  # N-1 MASKs drafting the next specs (0 = an AR step)
+    params: SamplingParams  # temperature, top-k, top-p of the anchor p and the draft q
+    sampling_mode: str = "exact"  # "exact", "reference" or "coupled" (DecodeConfig.sampling_mode)
+    gen: torch.Generator | None = None  # exact / reference randomness, consumed in order
+    noise: KeyedNoise | None = None  # coupled randomness, keyed by output index
+    index: int = 0  # output index of specs[0] (= tokens emitted so far)
+    alternatives: bool = False  # the next state carries second choices for the next window's tree branches
+
+
 @dataclass
 class DecodeResult:
     tokens: list[int]  # generated ids (stop token included when generation stopped on it)
@@ -143,6 +166,11 @@ class Window:
         if not self.tree:
             return None
         return logits[self.tree_start: self.used].view(len(self.tree), self.n_drafts, -1)
+
+    def read(self, logits: torch.Tensor) -> WindowLogits:
+        """Logits of the used slots (used, V), split into what ``isd_step`` reads."""
+        main, fallback = self.split(logits)
+        return WindowLogits(main, fallback, self.tree_logits(logits), self.tree)
 
 
 def build_window(state: ISDState, n_drafts: int, fallback: bool, mask_id: int, pad_to: int = 0,
@@ -259,34 +287,40 @@ def _layout(n_specs: int, n_drafts: int, fallback: bool, tree: tuple[int, ...]) 
     return tuple(offsets), mask
 
 
-def isd_step(logits: torch.Tensor, state: ISDState, n_drafts: int, params: SamplingParams,
-             sampling_mode: str = "exact", gen: torch.Generator | None = None,
-             fallback_logits: torch.Tensor | None = None, noise: KeyedNoise | None = None,
-             index: int = 0, tree: tuple[int, ...] = (), tree_logits: torch.Tensor | None = None,
-             alternatives: bool = False) -> StepResult:
-    """Pure ISD step: window logits (>= 1 + s + n_drafts, V) -> what to emit, keep and do next.
-    ``fallback_logits`` (s, n_drafts, V): branch j's MASK logits, drafting after a rejected specs[j].
-    ``tree_logits`` (len(tree), n_drafts, V): the tree branch of spec position tree[b], used when that
-    spec is rejected and the correction is state.alts[tree[b]]. ``alternatives``: the next state
-    carries second choices for the next window's tree branches.
-    ``index``: output index of specs[0] (= tokens emitted so far); coupled mode keys its noise on it.
+def isd_step(logits: WindowLogits, state: ISDState, settings: StepSettings) -> StepResult:
+    """Pure ISD step (spec §3.5-3.6): window logits -> what to emit, keep and do next.
+    ``logits.main`` (>= 1 + s + n_drafts, V) anchors the s specs, then the clean slot and the MASKs;
+    ``logits.fallback[j]`` drafts after a rejected specs[j]; ``logits.tree[b]`` is the tree branch of spec
+    position ``logits.tree_at[b]``, used when that spec is rejected and the correction is its alternative.
     n_drafts = 0 is an AR step (no specs): emit the clean token, keep the pending slot."""
-    s = len(state.specs)
-    verdict = check_specs(logits[:s], state, params, sampling_mode, gen, noise, index)
+    st, s = settings, len(state.specs)
+    verdict = check_specs(logits.main[:s], state, st.params, st.sampling_mode, st.gen, st.noise, st.index)
     if verdict.correction is not None:
-        j, c = verdict.accepted, verdict.correction
-        emitted = state.specs[:j] + [c]
-        if j in tree and state.alts[j] == c:
-            # the tree branch started with the correction: its clean slot drafts the next token exactly
-            nxt = propose(tree_logits[tree.index(j)], params, sampling_mode, gen, noise, index + j + 1, c, alternatives)
-            return StepResult(emitted, 1 + j, verdict, nxt, "tree")
-        if fallback_logits is None:
-            return StepResult(emitted, 1 + j, verdict, ISDState(c), "cold")
-        nxt = propose(fallback_logits[j], params, sampling_mode, gen, noise, index + j + 1, c, alternatives)
-        return StepResult(emitted, 1 + j, verdict, nxt, "fallback")
-    clean = pick(logits[s: s + 1], params, gen, noise if sampling_mode == "coupled" else None, index + s)[0]
-    nxt = propose(logits[s + 1: s + 1 + n_drafts], params, sampling_mode, gen, noise, index + s + 1, clean, alternatives)
+        return _rejected(logits, state, st, verdict)
+    noise = st.noise if st.sampling_mode == "coupled" else None
+    clean = pick(logits.main[s: s + 1], st.params, st.gen, noise, st.index + s)[0]
+    nxt = _propose_after(logits.main[s + 1: s + 1 + st.n_drafts], st, st.index + s + 1, clean)
     return StepResult(state.specs + [clean], 1 + s, verdict, nxt, "main")
+
+
+def _rejected(logits: WindowLogits, state: ISDState, st: StepSettings, verdict: Verdict) -> StepResult:
+    """A step whose spec j was rejected: emit specs[:j] + the correction, keep 1 + j slots, and draft
+    next from the tree branch that began with the correction, else from fallback branch j, else cold."""
+    j, c = verdict.accepted, verdict.correction
+    emitted = state.specs[:j] + [c]
+    if j in logits.tree_at and state.alts[j] == c:
+        # the tree branch started with the correction: its clean slot drafts the next token exactly
+        nxt = _propose_after(logits.tree[logits.tree_at.index(j)], st, st.index + j + 1, c)
+        return StepResult(emitted, 1 + j, verdict, nxt, "tree")
+    if logits.fallback is None:
+        return StepResult(emitted, 1 + j, verdict, ISDState(c), "cold")
+    nxt = _propose_after(logits.fallback[j], st, st.index + j + 1, c)
+    return StepResult(emitted, 1 + j, verdict, nxt, "fallback")
+
+
+def _propose_after(draft_logits: torch.Tensor, st: StepSettings, index: int, pending: int) -> ISDState:
+    """``propose`` with one request's settings: drafts for output indices index.. after ``pending``."""
+    return propose(draft_logits, st.params, st.sampling_mode, st.gen, st.noise, index, pending, st.alternatives)
 
 
 class Stopper:
@@ -359,10 +393,9 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
                               gate=win.gate() if gated else None, window_mask=win.mask)[0]
         drafts = torch.tensor(win.ids[: win.used]) == mask if model.draft_vocab is not None else None
         logits = model.logits(hidden[: win.used], drafts)
-        main, fb = win.split(logits)
         stats.forwards += 1
-        step = isd_step(main, state, n_drafts, params, cfg.sampling_mode, gen, fb, noise, len(stop.tokens),
-                        win.tree, win.tree_logits(logits), cfg.tree > 0)
+        settings = StepSettings(n_drafts, params, cfg.sampling_mode, gen, noise, len(stop.tokens), cfg.tree > 0)
+        step = isd_step(win.read(logits), state, settings)
         stats.record_verify(win.n_specs, step.verdict.accepted)
         stats.record_tree(len(win.tree), step.branch == "tree")
         cache.crop(start + step.kept)

@@ -203,10 +203,8 @@ class LLMEngine:
             req.times.setdefault("first_token", time.perf_counter())
             return self._emit(req, [tok], logits, [False])
         win = item.window
-        main, fallback = win.split(logits)
         state = req.state.truncated(win.n_specs)  # a smaller stride than the drafting one drops specs
-        step = isd_step(main, state, win.n_drafts, req.params, req.decode.sampling_mode, req.gen, fallback,
-                        req.noise, len(req.output), win.tree, win.tree_logits(logits), req.decode.tree > 0)
+        step = isd_step(win.read(logits), state, req.step_settings(win.n_drafts))
         if req.decode.mode == "isd":
             req.stats.record_verify(win.n_specs, step.verdict.accepted)
             req.stats.record_tree(len(win.tree), step.branch == "tree")

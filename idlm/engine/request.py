@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import DecodeConfig, SamplingParams
-from ..decode import ISDState, KeyedNoise, Stopper
+from ..decode import ISDState, KeyedNoise, StepSettings, Stopper
 from ..metrics import DecodeStats
 
 
@@ -86,6 +86,12 @@ class Request:
     @property
     def output(self) -> list[int]:
         return self.stopper.tokens
+
+    def step_settings(self, n_drafts: int) -> StepSettings:
+        """This request's settings for a decode step drafting ``n_drafts`` tokens (the step's first
+        spec is output index len(output): the pending token is the last output token)."""
+        return StepSettings(n_drafts, self.params, self.decode.sampling_mode, self.gen, self.noise,
+                            len(self.output), self.decode.tree > 0)
 
     @property
     def committed_len(self) -> int:
