@@ -6,7 +6,6 @@ from .isd import (
                   ISDState,
                   StepResult,
                   StepSettings,
-                  Stopper,
                   Window,
                   WindowLogits,
                   ar_generate,
@@ -17,8 +16,9 @@ from .isd import (
                   randomness,
 )
 from .sampling import KeyedNoise, next_token, pick, target_probs
+from .stop import StopRule
 from .verify import Verdict, verify_greedy, verify_keyed, verify_sampled
 
-__all__ = ["DecodeResult", "ISDState", "KeyedNoise", "StepResult", "StepSettings", "Stopper", "Verdict", "Window",
+__all__ = ["DecodeResult", "ISDState", "KeyedNoise", "StepResult", "StepSettings", "StopRule", "Verdict", "Window",
            "WindowLogits", "ar_generate", "build_window", "generate", "isd_generate", "isd_step", "next_token",
            "pick", "randomness", "target_probs", "verify_greedy", "verify_keyed", "verify_sampled"]

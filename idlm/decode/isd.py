@@ -54,6 +54,7 @@ from ..config import ConfigError, DecodeConfig, SamplingParams
 from ..metrics import DecodeStats
 from ..model.decoder import Decoder, KVCache
 from .sampling import KeyedNoise, draw, keyed_argmax, make_generator, pick, target_probs
+from .stop import StopRule
 from .verify import Verdict, verify_greedy, verify_keyed, verify_sampled
 
 TREE_MIN_VALUE = 0.05  # a tree branch is added only where it is used with at least this estimated probability
@@ -323,28 +324,6 @@ def _propose_after(draft_logits: torch.Tensor, st: StepSettings, index: int, pen
     return propose(draft_logits, st.params, st.sampling_mode, st.gen, st.noise, index, pending, st.alternatives)
 
 
-class Stopper:
-    """Appends emitted tokens one at a time and decides when generation ends (spec §3.6 Stop/EOS)."""
-
-    def __init__(self, params: SamplingParams, eos_ids: tuple[int, ...]):
-        self.params = params
-        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-
-    def push(self, emitted: list[int]) -> bool:
-        """Append; return True when finished (tokens after the finishing one are dropped)."""
-        for t in emitted:
-            self.tokens.append(t)
-            if t in self.stop_ids:
-                self.finish_reason = "stop"
-            elif len(self.tokens) >= self.params.max_new_tokens:
-                self.finish_reason = "length"
-            if self.finish_reason:
-                return True
-        return False
-
-
 def randomness(params: SamplingParams, sampling_mode: str, vocab: int
                ) -> tuple[torch.Generator, KeyedNoise | None]:
     """A request's random sources: a generator (exact / reference modes) and, in coupled mode with
@@ -371,7 +350,8 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
     n_drafts, mask = cfg.n_drafts, cfg.mask_token_id if cfg.mask_token_id is not None else model.cfg.mask_token_id
     gen, noise = randomness(params, cfg.sampling_mode, model.cfg.vocab_size)
     stats = DecodeStats(stride=cfg.max_stride, prompt_tokens=len(prompt))
-    stop = Stopper(params, model.cfg.eos_token_ids)
+    stop = StopRule.of(params, model.cfg.eos_token_ids)
+    tokens: list[int] = []  # the output so far (the stop rule extends it)
     cache = model.new_cache(capacity=len(prompt) + params.max_new_tokens + 2 * cfg.window)
     gated = model.has_adapters  # R-ISD: adapters act on draft MASK slots only, so the anchor is the base
 
@@ -381,12 +361,12 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
     hidden = model.hidden(torch.tensor(prompt), torch.arange(p_len), cache)[0]
     stats.forwards += 1
     state = ISDState(pick(model.logits(hidden[-1:]), params, gen, noise, 0)[0])
-    done = stop.push([state.pending])
+    finish = stop.extend(tokens, [state.pending])
     if on_step:
-        on_step(cache, stop.tokens, state)
+        on_step(cache, tokens, state)
 
     # 2. Steps: extend by a window, keep 1 + accepted, emit accepted + clean/correction.
-    while not done:
+    while finish is None:
         win = build_window(state, n_drafts, cfg.may_fallback, mask, cfg.window if cfg.pad_windows else 0, cfg.tree)
         start = cache.length
         hidden = model.hidden(torch.tensor(win.ids), start + torch.tensor(win.offsets), cache,
@@ -394,23 +374,23 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
         drafts = torch.tensor(win.ids[: win.used]) == mask if model.draft_vocab is not None else None
         logits = model.logits(hidden[: win.used], drafts)
         stats.forwards += 1
-        settings = StepSettings(n_drafts, params, cfg.sampling_mode, gen, noise, len(stop.tokens), cfg.tree > 0)
+        settings = StepSettings(n_drafts, params, cfg.sampling_mode, gen, noise, len(tokens), cfg.tree > 0)
         step = isd_step(win.read(logits), state, settings)
         stats.record_verify(win.n_specs, step.verdict.accepted)
         stats.record_tree(len(win.tree), step.branch == "tree")
         cache.crop(start + step.kept)
         state = step.next_state
-        done = stop.push(step.emitted)
+        finish = stop.extend(tokens, step.emitted)
         if noise is not None:
-            noise.forget_before(len(stop.tokens))
-        if done:  # tokens after a stop were dropped: drop their KV too, keeping the invariant exact
-            cache.crop(min(cache.length, p_len + len(stop.tokens) - 1))
+            noise.forget_before(len(tokens))
+        if finish:  # tokens after a stop were dropped: drop their KV too, keeping the invariant exact
+            cache.crop(min(cache.length, p_len + len(tokens) - 1))
         if on_step:
-            on_step(cache, stop.tokens, state)
+            on_step(cache, tokens, state)
 
-    stats.tokens = len(stop.tokens)
+    stats.tokens = len(tokens)
     stats.seconds = time.perf_counter() - t_start
-    return DecodeResult(stop.tokens, stop.finish_reason or "length", stats)
+    return DecodeResult(tokens, finish or "length", stats)
 
 
 @torch.inference_mode()
@@ -423,25 +403,26 @@ def ar_generate(model: Decoder, prompt: list[int], params: SamplingParams,
     t_start = time.perf_counter()
     gen, noise = randomness(params, sampling_mode, model.cfg.vocab_size)
     stats = DecodeStats(stride=1, prompt_tokens=len(prompt))
-    stop = Stopper(params, model.cfg.eos_token_ids)
+    stop = StopRule.of(params, model.cfg.eos_token_ids)
+    tokens: list[int] = []  # the output so far (the stop rule extends it)
     cache = model.new_cache(capacity=len(prompt) + params.max_new_tokens + 1)
     hidden = model.hidden(torch.tensor(prompt), torch.arange(len(prompt)), cache)[0]
     tok = pick(model.logits(hidden[-1:]), params, gen, noise, 0)[0]
     stats.forwards += 1
-    done = stop.push([tok])
-    while not done:
+    finish = stop.extend(tokens, [tok])
+    while finish is None:
         if on_step:
-            on_step(cache, stop.tokens, None)
+            on_step(cache, tokens, None)
         start = cache.length
         hidden = model.hidden(torch.tensor([tok]), torch.tensor([start]), cache)[0]
-        tok = pick(model.logits(hidden[-1:]), params, gen, noise, len(stop.tokens))[0]
+        tok = pick(model.logits(hidden[-1:]), params, gen, noise, len(tokens))[0]
         stats.forwards += 1
-        done = stop.push([tok])
+        finish = stop.extend(tokens, [tok])
         if noise is not None:
-            noise.forget_before(len(stop.tokens))
-    stats.tokens = len(stop.tokens)
+            noise.forget_before(len(tokens))
+    stats.tokens = len(tokens)
     stats.seconds = time.perf_counter() - t_start
-    return DecodeResult(stop.tokens, stop.finish_reason or "length", stats)
+    return DecodeResult(tokens, finish or "length", stats)
 
 
 def generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: SamplingParams) -> DecodeResult:

@@ -30,13 +30,12 @@ from tqdm import tqdm
 
 from ..config import MAX_STRIDE, ConfigError, DecodeConfig, SamplingParams
 from ..decode import ISDState, isd_step, pick, randomness
-from ..decode.isd import Stopper
 from ..metrics import DecodeStats, EngineMetrics
 from ..model.attention import KEY_BLOCK
 from ..model.decoder import Decoder
 from .block_manager import BlockManager
 from .kv_pool import new_pool, num_blocks_for
-from .request import Completion, Request, RequestOutput, Status, TokenLogprob
+from .request import Completion, Request, RequestOutput, Status, Stopper, TokenLogprob
 from .runner import ModelRunner
 from .scheduler import ScheduledItem, Scheduler, SchedulerConfig
 from .stride import CostModel, WindowPolicy

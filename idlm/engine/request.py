@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import DecodeConfig, SamplingParams
-from ..decode import ISDState, KeyedNoise, StepSettings, Stopper
+from ..decode import ISDState, KeyedNoise, StepSettings, StopRule
 from ..metrics import DecodeStats
 
 
@@ -62,6 +62,22 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
     latency_s: float = 0.0  # from add_request to the last token
     prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+class Stopper:
+    """A request's output tokens and finish reason, extended step by step under its ``StopRule``."""
+
+    def __init__(self, params: SamplingParams, eos_ids: tuple[int, ...]):
+        self.rule = StopRule.of(params, eos_ids)
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    def push(self, emitted: list[int]) -> bool:
+        """Append; return True when finished (tokens after the finishing one are dropped)."""
+        reason = self.rule.extend(self.tokens, emitted)
+        if reason is not None:
+            self.finish_reason = reason
+        return reason is not None
 
 
 @dataclass(eq=False)
