@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ConfigError, DecodeConfig, SamplingParams
-from ..metrics import DecodeStats
+from ..metrics import DecodeStats, VerifyStep
 from ..model.decoder import Decoder, KVCache
 from .sampling import KeyedNoise, draw, keyed_argmax, make_generator, pick, target_probs
 from .stop import StopRule
@@ -92,7 +92,8 @@ class StepResult:
     kept: int  # window slots whose KV stays committed
     verdict: Verdict  # outcome of checking the previous drafts
     next_state: ISDState
-    branch: str = "main"  # where the next drafts come from: main chain, fallback or tree branch, or none (cold)
+    branch: str  # where the next drafts come from: "main" chain, "fallback" or "tree" branch, or none ("cold")
+    verified: VerifyStep  # what the step verified: DecodeStats and EngineMetrics record it
 
 
 @dataclass(frozen=True)
@@ -297,26 +298,29 @@ def isd_step(logits: WindowLogits, state: ISDState, settings: StepSettings) -> S
     st, s = settings, len(state.specs)
     verdict = check_specs(logits.main[:s], state, st.params, st.sampling_mode, st.gen, st.noise, st.index)
     if verdict.correction is not None:
-        return _rejected(logits, state, st, verdict)
-    noise = st.noise if st.sampling_mode == "coupled" else None
-    clean = pick(logits.main[s: s + 1], st.params, st.gen, noise, st.index + s)[0]
-    nxt = _propose_after(logits.main[s + 1: s + 1 + st.n_drafts], st, st.index + s + 1, clean)
-    return StepResult(state.specs + [clean], 1 + s, verdict, nxt, "main")
+        emitted, nxt, branch = _rejected(logits, state, st, verdict)
+    else:
+        noise = st.noise if st.sampling_mode == "coupled" else None
+        clean = pick(logits.main[s: s + 1], st.params, st.gen, noise, st.index + s)[0]
+        emitted = state.specs + [clean]
+        nxt, branch = _propose_after(logits.main[s + 1: s + 1 + st.n_drafts], st, st.index + s + 1, clean), "main"
+    verified = VerifyStep(s, verdict.accepted, len(logits.tree_at), branch == "tree")
+    return StepResult(emitted, 1 + verdict.accepted, verdict, nxt, branch, verified)  # keep pending + accepted
 
 
-def _rejected(logits: WindowLogits, state: ISDState, st: StepSettings, verdict: Verdict) -> StepResult:
-    """A step whose spec j was rejected: emit specs[:j] + the correction, keep 1 + j slots, and draft
-    next from the tree branch that began with the correction, else from fallback branch j, else cold."""
+def _rejected(logits: WindowLogits, state: ISDState, st: StepSettings, verdict: Verdict
+              ) -> tuple[list[int], ISDState, str]:
+    """A step whose spec j was rejected: emit specs[:j] + the correction (emitted, next state, branch),
+    drafting next from the tree branch that began with the correction, else from fallback branch j,
+    else cold."""
     j, c = verdict.accepted, verdict.correction
     emitted = state.specs[:j] + [c]
     if j in logits.tree_at and state.alts[j] == c:
         # the tree branch started with the correction: its clean slot drafts the next token exactly
-        nxt = _propose_after(logits.tree[logits.tree_at.index(j)], st, st.index + j + 1, c)
-        return StepResult(emitted, 1 + j, verdict, nxt, "tree")
+        return emitted, _propose_after(logits.tree[logits.tree_at.index(j)], st, st.index + j + 1, c), "tree"
     if logits.fallback is None:
-        return StepResult(emitted, 1 + j, verdict, ISDState(c), "cold")
-    nxt = _propose_after(logits.fallback[j], st, st.index + j + 1, c)
-    return StepResult(emitted, 1 + j, verdict, nxt, "fallback")
+        return emitted, ISDState(c), "cold"
+    return emitted, _propose_after(logits.fallback[j], st, st.index + j + 1, c), "fallback"
 
 
 def _propose_after(draft_logits: torch.Tensor, st: StepSettings, index: int, pending: int) -> ISDState:
@@ -376,8 +380,7 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
         stats.forwards += 1
         settings = StepSettings(n_drafts, params, cfg.sampling_mode, gen, noise, len(tokens), cfg.tree > 0)
         step = isd_step(win.read(logits), state, settings)
-        stats.record_verify(win.n_specs, step.verdict.accepted)
-        stats.record_tree(len(win.tree), step.branch == "tree")
+        stats.record(step.verified)
         cache.crop(start + step.kept)
         state = step.next_state
         finish = stop.extend(tokens, step.emitted)

@@ -204,11 +204,9 @@ class LLMEngine:
         win = item.window
         state = req.state.truncated(win.n_specs)  # a smaller stride than the drafting one drops specs
         step = isd_step(win.read(logits), state, req.step_settings(win.n_drafts))
-        if req.decode.mode == "isd":
-            req.stats.record_verify(win.n_specs, step.verdict.accepted)
-            req.stats.record_tree(len(win.tree), step.branch == "tree")
-            self.metrics.record_verify(win.n_specs, step.verdict.accepted)
-            self.metrics.record_tree(len(win.tree), step.branch == "tree")
+        if req.decode.mode == "isd":  # one outcome, counted for the request and engine-wide
+            for counters in (req.stats, self.metrics):
+                counters.record(step.verified)
         req.num_computed = item.start + step.kept  # set from what was verified, never incremented
         req.state = step.next_state
         accepted = step.verdict.accepted if req.decode.mode == "isd" else 0
