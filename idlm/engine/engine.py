@@ -148,6 +148,19 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)
 
+    # -- capacity and counters --------------------------------------------------------------------
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV pool holds: blocks × block size."""
+        return self.blocks.num_total * self.blocks.block_size
+
+    def reset_metrics(self) -> None:
+        """Zero the engine-wide counters (after a warm-up, before a measurement). In place: whoever
+        holds ``metrics`` (the window policy, a Prometheus collector) sees the fresh counters."""
+        self.metrics.reset()
+        self._update_gauges()
+
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

@@ -6,7 +6,7 @@ request's own ``DecodeStats``. The server exports these (Prometheus); benches re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from .verify import VerifyCounters
 
@@ -43,6 +43,12 @@ class EngineMetrics(VerifyCounters):
     prepare_s: float = 0.0  # time building the batch's tensors
     forward_s: float = 0.0  # time in the model (forward and logits)
     postprocess_s: float = 0.0  # time verifying, committing and building outputs
+
+    def reset(self) -> None:
+        """Every counter and gauge back to its start value, in place; the pool size stays."""
+        fresh = type(self)(kv_blocks_total=self.kv_blocks_total)
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
 
     @property
     def tpf(self) -> float:

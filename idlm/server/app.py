@@ -188,7 +188,7 @@ class Server:
             max_tokens = req.max_tokens
             if max_tokens is None:  # completions: 16; chat: the rest of the context (and of the KV pool)
                 widest = DecodeConfig(stride=MAX_STRIDE, tree=s.config.tree).window  # the widest ISD window it may need
-                pool = engine.engine.blocks.num_total * engine.engine.blocks.block_size - widest
+                pool = engine.kv_capacity_tokens - widest
                 max_tokens = 16 if req.kind == "completion" else max(1, min(s.max_model_len, pool) - len(ids))
             self.check_prompt(ids, max_tokens)
             for k in range(req.n):
