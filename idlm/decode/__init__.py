@@ -5,8 +5,9 @@ from .isd import (
                   DecodeResult,
                   ISDState,
                   StepResult,
-                  Stopper,
+                  StepSettings,
                   Window,
+                  WindowLogits,
                   ar_generate,
                   build_window,
                   generate,
@@ -15,8 +16,9 @@ from .isd import (
                   randomness,
 )
 from .sampling import KeyedNoise, next_token, pick, target_probs
+from .stop import StopRule
 from .verify import Verdict, verify_greedy, verify_keyed, verify_sampled
 
-__all__ = ["DecodeResult", "ISDState", "KeyedNoise", "StepResult", "Stopper", "Verdict", "Window", "ar_generate",
-           "build_window", "generate", "isd_generate", "isd_step", "next_token", "pick", "randomness",
-           "target_probs", "verify_greedy", "verify_keyed", "verify_sampled"]
+__all__ = ["DecodeResult", "ISDState", "KeyedNoise", "StepResult", "StepSettings", "StopRule", "Verdict", "Window",
+           "WindowLogits", "ar_generate", "build_window", "generate", "isd_generate", "isd_step", "next_token",
+           "pick", "randomness", "target_probs", "verify_greedy", "verify_keyed", "verify_sampled"]

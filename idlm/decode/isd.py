@@ -51,9 +51,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ConfigError, DecodeConfig, SamplingParams
-from ..metrics import DecodeStats
+from ..metrics import DecodeStats, VerifyStep
 from ..model.decoder import Decoder, KVCache
 from .sampling import KeyedNoise, draw, keyed_argmax, make_generator, pick, target_probs
+from .stop import StopRule
 from .verify import Verdict, verify_greedy, verify_keyed, verify_sampled
 
 TREE_MIN_VALUE = 0.05  # a tree branch is added only where it is used with at least this estimated probability
@@ -91,7 +92,31 @@ class StepResult:
     kept: int  # window slots whose KV stays committed
     verdict: Verdict  # outcome of checking the previous drafts
     next_state: ISDState
-    branch: str = "main"  # where the next drafts come from: main chain, fallback or tree branch, or none (cold)
+    branch: str  # where the next drafts come from: "main" chain, "fallback" or "tree" branch, or none ("cold")
+    verified: VerifyStep  # what the step verified: DecodeStats and EngineMetrics record it
+
+
+@dataclass(frozen=True)
+class WindowLogits:
+    """One window's logits, split by role (``Window.read``): what ``isd_step`` reads."""
+
+    main: torch.Tensor  # (>= 1 + s + n_drafts, V): anchors of the s specs, the clean slot, the MASK drafts
+    fallback: torch.Tensor | None = None  # (s, n_drafts, V): branch j drafts after a rejected specs[j]
+    tree: torch.Tensor | None = None  # (len(tree_at), n_drafts, V): tree branches, alternative's slot first
+    tree_at: tuple[int, ...] = ()  # the spec position each tree branch stands for (ISDState.alts[j])
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How one request decodes one step: its sampling rule, random sources and output index."""
+
+    n_drafts: int  # N-1 MASKs drafting the next specs (0 = an AR step)
+    params: SamplingParams  # temperature, top-k, top-p of the anchor p and the draft q
+    sampling_mode: str = "exact"  # "exact", "reference" or "coupled" (DecodeConfig.sampling_mode)
+    gen: torch.Generator | None = None  # exact / reference randomness, consumed in order
+    noise: KeyedNoise | None = None  # coupled randomness, keyed by output index
+    index: int = 0  # output index of specs[0] (= tokens emitted so far)
+    alternatives: bool = False  # the next state carries second choices for the next window's tree branches
 
 
 @dataclass
@@ -143,6 +168,11 @@ class Window:
         if not self.tree:
             return None
         return logits[self.tree_start: self.used].view(len(self.tree), self.n_drafts, -1)
+
+    def read(self, logits: torch.Tensor) -> WindowLogits:
+        """Logits of the used slots (used, V), split into what ``isd_step`` reads."""
+        main, fallback = self.split(logits)
+        return WindowLogits(main, fallback, self.tree_logits(logits), self.tree)
 
 
 def build_window(state: ISDState, n_drafts: int, fallback: bool, mask_id: int, pad_to: int = 0,
@@ -259,56 +289,43 @@ def _layout(n_specs: int, n_drafts: int, fallback: bool, tree: tuple[int, ...]) 
     return tuple(offsets), mask
 
 
-def isd_step(logits: torch.Tensor, state: ISDState, n_drafts: int, params: SamplingParams,
-             sampling_mode: str = "exact", gen: torch.Generator | None = None,
-             fallback_logits: torch.Tensor | None = None, noise: KeyedNoise | None = None,
-             index: int = 0, tree: tuple[int, ...] = (), tree_logits: torch.Tensor | None = None,
-             alternatives: bool = False) -> StepResult:
-    """Pure ISD step: window logits (>= 1 + s + n_drafts, V) -> what to emit, keep and do next.
-    ``fallback_logits`` (s, n_drafts, V): branch j's MASK logits, drafting after a rejected specs[j].
-    ``tree_logits`` (len(tree), n_drafts, V): the tree branch of spec position tree[b], used when that
-    spec is rejected and the correction is state.alts[tree[b]]. ``alternatives``: the next state
-    carries second choices for the next window's tree branches.
-    ``index``: output index of specs[0] (= tokens emitted so far); coupled mode keys its noise on it.
+def isd_step(logits: WindowLogits, state: ISDState, settings: StepSettings) -> StepResult:
+    """Pure ISD step (spec §3.5-3.6): window logits -> what to emit, keep and do next.
+    ``logits.main`` (>= 1 + s + n_drafts, V) anchors the s specs, then the clean slot and the MASKs;
+    ``logits.fallback[j]`` drafts after a rejected specs[j]; ``logits.tree[b]`` is the tree branch of spec
+    position ``logits.tree_at[b]``, used when that spec is rejected and the correction is its alternative.
     n_drafts = 0 is an AR step (no specs): emit the clean token, keep the pending slot."""
-    s = len(state.specs)
-    verdict = check_specs(logits[:s], state, params, sampling_mode, gen, noise, index)
+    st, s = settings, len(state.specs)
+    verdict = check_specs(logits.main[:s], state, st.params, st.sampling_mode, st.gen, st.noise, st.index)
     if verdict.correction is not None:
-        j, c = verdict.accepted, verdict.correction
-        emitted = state.specs[:j] + [c]
-        if j in tree and state.alts[j] == c:
-            # the tree branch started with the correction: its clean slot drafts the next token exactly
-            nxt = propose(tree_logits[tree.index(j)], params, sampling_mode, gen, noise, index + j + 1, c, alternatives)
-            return StepResult(emitted, 1 + j, verdict, nxt, "tree")
-        if fallback_logits is None:
-            return StepResult(emitted, 1 + j, verdict, ISDState(c), "cold")
-        nxt = propose(fallback_logits[j], params, sampling_mode, gen, noise, index + j + 1, c, alternatives)
-        return StepResult(emitted, 1 + j, verdict, nxt, "fallback")
-    clean = pick(logits[s: s + 1], params, gen, noise if sampling_mode == "coupled" else None, index + s)[0]
-    nxt = propose(logits[s + 1: s + 1 + n_drafts], params, sampling_mode, gen, noise, index + s + 1, clean, alternatives)
-    return StepResult(state.specs + [clean], 1 + s, verdict, nxt, "main")
+        emitted, nxt, branch = _rejected(logits, state, st, verdict)
+    else:
+        noise = st.noise if st.sampling_mode == "coupled" else None
+        clean = pick(logits.main[s: s + 1], st.params, st.gen, noise, st.index + s)[0]
+        emitted = state.specs + [clean]
+        nxt, branch = _propose_after(logits.main[s + 1: s + 1 + st.n_drafts], st, st.index + s + 1, clean), "main"
+    verified = VerifyStep(s, verdict.accepted, len(logits.tree_at), branch == "tree")
+    return StepResult(emitted, 1 + verdict.accepted, verdict, nxt, branch, verified)  # keep pending + accepted
 
 
-class Stopper:
-    """Appends emitted tokens one at a time and decides when generation ends (spec §3.6 Stop/EOS)."""
+def _rejected(logits: WindowLogits, state: ISDState, st: StepSettings, verdict: Verdict
+              ) -> tuple[list[int], ISDState, str]:
+    """A step whose spec j was rejected: emit specs[:j] + the correction (emitted, next state, branch),
+    drafting next from the tree branch that began with the correction, else from fallback branch j,
+    else cold."""
+    j, c = verdict.accepted, verdict.correction
+    emitted = state.specs[:j] + [c]
+    if j in logits.tree_at and state.alts[j] == c:
+        # the tree branch started with the correction: its clean slot drafts the next token exactly
+        return emitted, _propose_after(logits.tree[logits.tree_at.index(j)], st, st.index + j + 1, c), "tree"
+    if logits.fallback is None:
+        return emitted, ISDState(c), "cold"
+    return emitted, _propose_after(logits.fallback[j], st, st.index + j + 1, c), "fallback"
 
-    def __init__(self, params: SamplingParams, eos_ids: tuple[int, ...]):
-        self.params = params
-        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
 
-    def push(self, emitted: list[int]) -> bool:
-        """Append; return True when finished (tokens after the finishing one are dropped)."""
-        for t in emitted:
-            self.tokens.append(t)
-            if t in self.stop_ids:
-                self.finish_reason = "stop"
-            elif len(self.tokens) >= self.params.max_new_tokens:
-                self.finish_reason = "length"
-            if self.finish_reason:
-                return True
-        return False
+def _propose_after(draft_logits: torch.Tensor, st: StepSettings, index: int, pending: int) -> ISDState:
+    """``propose`` with one request's settings: drafts for output indices index.. after ``pending``."""
+    return propose(draft_logits, st.params, st.sampling_mode, st.gen, st.noise, index, pending, st.alternatives)
 
 
 def randomness(params: SamplingParams, sampling_mode: str, vocab: int
@@ -337,7 +354,8 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
     n_drafts, mask = cfg.n_drafts, cfg.mask_token_id if cfg.mask_token_id is not None else model.cfg.mask_token_id
     gen, noise = randomness(params, cfg.sampling_mode, model.cfg.vocab_size)
     stats = DecodeStats(stride=cfg.max_stride, prompt_tokens=len(prompt))
-    stop = Stopper(params, model.cfg.eos_token_ids)
+    stop = StopRule.of(params, model.cfg.eos_token_ids)
+    tokens: list[int] = []  # the output so far (the stop rule extends it)
     cache = model.new_cache(capacity=len(prompt) + params.max_new_tokens + 2 * cfg.window)
     gated = model.has_adapters  # R-ISD: adapters act on draft MASK slots only, so the anchor is the base
 
@@ -347,37 +365,35 @@ def isd_generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: S
     hidden = model.hidden(torch.tensor(prompt), torch.arange(p_len), cache)[0]
     stats.forwards += 1
     state = ISDState(pick(model.logits(hidden[-1:]), params, gen, noise, 0)[0])
-    done = stop.push([state.pending])
+    finish = stop.extend(tokens, [state.pending])
     if on_step:
-        on_step(cache, stop.tokens, state)
+        on_step(cache, tokens, state)
 
     # 2. Steps: extend by a window, keep 1 + accepted, emit accepted + clean/correction.
-    while not done:
+    while finish is None:
         win = build_window(state, n_drafts, cfg.may_fallback, mask, cfg.window if cfg.pad_windows else 0, cfg.tree)
         start = cache.length
         hidden = model.hidden(torch.tensor(win.ids), start + torch.tensor(win.offsets), cache,
                               gate=win.gate() if gated else None, window_mask=win.mask)[0]
         drafts = torch.tensor(win.ids[: win.used]) == mask if model.draft_vocab is not None else None
         logits = model.logits(hidden[: win.used], drafts)
-        main, fb = win.split(logits)
         stats.forwards += 1
-        step = isd_step(main, state, n_drafts, params, cfg.sampling_mode, gen, fb, noise, len(stop.tokens),
-                        win.tree, win.tree_logits(logits), cfg.tree > 0)
-        stats.record_verify(win.n_specs, step.verdict.accepted)
-        stats.record_tree(len(win.tree), step.branch == "tree")
+        settings = StepSettings(n_drafts, params, cfg.sampling_mode, gen, noise, len(tokens), cfg.tree > 0)
+        step = isd_step(win.read(logits), state, settings)
+        stats.record(step.verified)
         cache.crop(start + step.kept)
         state = step.next_state
-        done = stop.push(step.emitted)
+        finish = stop.extend(tokens, step.emitted)
         if noise is not None:
-            noise.forget_before(len(stop.tokens))
-        if done:  # tokens after a stop were dropped: drop their KV too, keeping the invariant exact
-            cache.crop(min(cache.length, p_len + len(stop.tokens) - 1))
+            noise.forget_before(len(tokens))
+        if finish:  # tokens after a stop were dropped: drop their KV too, keeping the invariant exact
+            cache.crop(min(cache.length, p_len + len(tokens) - 1))
         if on_step:
-            on_step(cache, stop.tokens, state)
+            on_step(cache, tokens, state)
 
-    stats.tokens = len(stop.tokens)
+    stats.tokens = len(tokens)
     stats.seconds = time.perf_counter() - t_start
-    return DecodeResult(stop.tokens, stop.finish_reason or "length", stats)
+    return DecodeResult(tokens, finish or "length", stats)
 
 
 @torch.inference_mode()
@@ -390,25 +406,26 @@ def ar_generate(model: Decoder, prompt: list[int], params: SamplingParams,
     t_start = time.perf_counter()
     gen, noise = randomness(params, sampling_mode, model.cfg.vocab_size)
     stats = DecodeStats(stride=1, prompt_tokens=len(prompt))
-    stop = Stopper(params, model.cfg.eos_token_ids)
+    stop = StopRule.of(params, model.cfg.eos_token_ids)
+    tokens: list[int] = []  # the output so far (the stop rule extends it)
     cache = model.new_cache(capacity=len(prompt) + params.max_new_tokens + 1)
     hidden = model.hidden(torch.tensor(prompt), torch.arange(len(prompt)), cache)[0]
     tok = pick(model.logits(hidden[-1:]), params, gen, noise, 0)[0]
     stats.forwards += 1
-    done = stop.push([tok])
-    while not done:
+    finish = stop.extend(tokens, [tok])
+    while finish is None:
         if on_step:
-            on_step(cache, stop.tokens, None)
+            on_step(cache, tokens, None)
         start = cache.length
         hidden = model.hidden(torch.tensor([tok]), torch.tensor([start]), cache)[0]
-        tok = pick(model.logits(hidden[-1:]), params, gen, noise, len(stop.tokens))[0]
+        tok = pick(model.logits(hidden[-1:]), params, gen, noise, len(tokens))[0]
         stats.forwards += 1
-        done = stop.push([tok])
+        finish = stop.extend(tokens, [tok])
         if noise is not None:
-            noise.forget_before(len(stop.tokens))
-    stats.tokens = len(stop.tokens)
+            noise.forget_before(len(tokens))
+    stats.tokens = len(tokens)
     stats.seconds = time.perf_counter() - t_start
-    return DecodeResult(stop.tokens, stop.finish_reason or "length", stats)
+    return DecodeResult(tokens, finish or "length", stats)
 
 
 def generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: SamplingParams) -> DecodeResult:

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..config import DecodeConfig, SamplingParams
+from ..metrics import EngineMetrics
 from .engine import LLMEngine
 from .request import RequestOutput
 
@@ -111,9 +112,19 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
-    def metrics(self):
+    def metrics(self) -> EngineMetrics:
         """The engine's counters (read without locking: plain numbers, written by the loop)."""
         return self.engine.metrics
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the engine's KV pool holds (fixed at construction: safe from any thread)."""
+        return self.engine.kv_capacity_tokens
+
+    def reset_metrics(self) -> None:
+        """Zero the engine-wide counters. Call it while no step runs (before ``start``, or idle): the
+        loop thread writes the counters without a lock."""
+        self.engine.reset_metrics()
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop taking requests, let open ones finish (up to ``timeout`` seconds, then abort them),

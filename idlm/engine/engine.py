@@ -29,13 +29,12 @@ from tqdm import tqdm
 
 from ..config import KV_BLOCK_DIVIDES, MAX_STRIDE, ConfigError, DecodeConfig, EngineConfig, SamplingParams
 from ..decode import ISDState, isd_step, pick, randomness
-from ..decode.isd import Stopper
 from ..metrics import DecodeStats, EngineMetrics
 from ..model.attention import KEY_BLOCK
 from ..model.decoder import Decoder
 from .block_manager import BlockManager
 from .kv_pool import new_pool, num_blocks_for
-from .request import Completion, Request, RequestOutput, Status, TokenLogprob
+from .request import Completion, Request, RequestOutput, Status, Stopper, TokenLogprob
 from .runner import ModelRunner
 from .scheduler import ScheduledItem, Scheduler, SchedulerConfig
 from .stride import CostModel, WindowPolicy
@@ -128,6 +127,19 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)
 
+    # -- capacity and counters --------------------------------------------------------------------
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV pool holds: blocks × block size."""
+        return self.blocks.num_total * self.blocks.block_size
+
+    def reset_metrics(self) -> None:
+        """Zero the engine-wide counters (after a warm-up, before a measurement). In place: whoever
+        holds ``metrics`` (the window policy, a Prometheus collector) sees the fresh counters."""
+        self.metrics.reset()
+        self._update_gauges()
+
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -182,15 +194,11 @@ class LLMEngine:
             req.times.setdefault("first_token", time.perf_counter())
             return self._emit(req, [tok], logits, [False])
         win = item.window
-        main, fallback = win.split(logits)
         state = req.state.truncated(win.n_specs)  # a smaller stride than the drafting one drops specs
-        step = isd_step(main, state, win.n_drafts, req.params, req.decode.sampling_mode, req.gen, fallback,
-                        req.noise, len(req.output), win.tree, win.tree_logits(logits), req.decode.tree > 0)
-        if req.decode.mode == "isd":
-            req.stats.record_verify(win.n_specs, step.verdict.accepted)
-            req.stats.record_tree(len(win.tree), step.branch == "tree")
-            self.metrics.record_verify(win.n_specs, step.verdict.accepted)
-            self.metrics.record_tree(len(win.tree), step.branch == "tree")
+        step = isd_step(win.read(logits), state, req.step_settings(win.n_drafts))
+        if req.decode.mode == "isd":  # one outcome, counted for the request and engine-wide
+            for counters in (req.stats, self.metrics):
+                counters.record(step.verified)
         req.num_computed = item.start + step.kept  # set from what was verified, never incremented
         req.state = step.next_state
         accepted = step.verdict.accepted if req.decode.mode == "isd" else 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import DecodeConfig, SamplingParams
-from ..decode import ISDState, KeyedNoise, Stopper
+from ..decode import ISDState, KeyedNoise, StepSettings, StopRule
 from ..metrics import DecodeStats
 
 
@@ -64,6 +64,22 @@ class Completion:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
+class Stopper:
+    """A request's output tokens and finish reason, extended step by step under its ``StopRule``."""
+
+    def __init__(self, params: SamplingParams, eos_ids: tuple[int, ...]):
+        self.rule = StopRule.of(params, eos_ids)
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    def push(self, emitted: list[int]) -> bool:
+        """Append; return True when finished (tokens after the finishing one are dropped)."""
+        reason = self.rule.extend(self.tokens, emitted)
+        if reason is not None:
+            self.finish_reason = reason
+        return reason is not None
+
+
 @dataclass(eq=False)
 class Request:
     id: str
@@ -86,6 +102,12 @@ class Request:
     @property
     def output(self) -> list[int]:
         return self.stopper.tokens
+
+    def step_settings(self, n_drafts: int) -> StepSettings:
+        """This request's settings for a decode step drafting ``n_drafts`` tokens (the step's first
+        spec is output index len(output): the pending token is the last output token)."""
+        return StepSettings(n_drafts, self.params, self.decode.sampling_mode, self.gen, self.noise,
+                            len(self.output), self.decode.tree > 0)
 
     @property
     def committed_len(self) -> int:

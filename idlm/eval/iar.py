@@ -1,17 +1,13 @@
 """Introspective acceptance rate (IAR, spec §6.1): does the model agree with what it generated?
 
-1. **Generate by the model's own parallel decoding.** Each forward takes the committed text's
-   uncommitted tail as clean rows and ``B`` MASK rows after it (B = the trained block size): the last
-   clean row (the anchor) gives the next token, MASK row j the token j + 1 after it, and all B + 1
-   tokens are committed — no verification (the draft-only ablation of spec §3.12, in I-DLM's
-   anchor + MASK layout). The MASK rows attend the way the model was trained: causally among
-   themselves (I-DLM) or to every MASK of the window (``bidirectional-block``, the SDAR-style
-   baseline). ``block = 0`` is plain AR decoding. With ``steps > 1`` a block is instead filled by
-   SDAR-style low-confidence denoising, a few tokens per forward, most confident first, each
-   committed token written into its slot before the next forward: then, under bidirectional-block
-   attention, a token can be conditioned on tokens to its right, which the causal re-scoring cannot
-   see. That order dependence is what the paper's IAR gap measures; with ``steps = 1`` the MASK
-   inputs carry no content, so bidirectional attention among them adds compute but no information.
+1. **Generate by the model's own parallel decoding** (``idlm.decode.draft_only.parallel_decode``):
+   blocks of ``B`` + 1 tokens from an anchor row and ``B`` MASK rows (B = the trained block size),
+   committed without verification (the draft-only ablation of spec §3.12), the MASK rows attending
+   causally (I-DLM) or bidirectionally (``bidirectional-block``, the SDAR-style baseline); ``block
+   = 0`` is plain AR decoding. With ``steps > 1`` a block is filled by SDAR-style low-confidence
+   denoising, so under bidirectional-block attention a token can be conditioned on tokens to its
+   right, which the causal re-scoring cannot see: that order dependence is what the paper's IAR gap
+   measures.
 2. **Re-score with the causal anchor pass.** One clean causal forward over prompt + output (gates
    off: the base model under R-ISD) gives p_k, the distribution of token k given the committed
    text x_<k.
@@ -35,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decode.draft_only import parallel_decode
 from ..model.decoder import Decoder
 
 
@@ -100,82 +97,6 @@ def iar_of(p: torch.Tensor, q: torch.Tensor) -> float:
     return float(torch.clamp(p / q, max=1.0).mean())
 
 
-def window_mask(n_clean: int, n_mask: int, attention: str = "causal") -> torch.Tensor:
-    """(T, T) bool over one window [clean rows | MASK rows]: clean rows causal; MASK rows see every
-    clean row and, among MASKs, the earlier ones (causal) or all of them (bidirectional-block)."""
-    t = n_clean + n_mask
-    m = torch.ones(t, t, dtype=torch.bool).tril()
-    if attention == "bidirectional-block":
-        m[n_clean:, n_clean:] = True
-    elif attention != "causal":
-        raise ValueError(f"unknown attention {attention!r}")
-    return m
-
-
-@torch.no_grad()
-def parallel_decode(model: Decoder, prompt: list[int], block: int, max_new_tokens: int,
-                    attention: str = "causal", eos: tuple[int, ...] = (), temperature: float = 0.0,
-                    generator: torch.Generator | None = None, steps: int = 1) -> Sequence:
-    """Generate blocks of ``block + 1`` tokens without verification; records q(x) and the position
-    in its block (0 = the anchor's token) of every token.
-
-    ``steps = 1``: one forward per block commits the anchor token and all ``block`` drafts.
-    ``steps = s > 1``: SDAR-style low-confidence denoising: each forward commits the most confident
-    of the block's still-unknown tokens (ceil(left / steps left) of them), writes each committed
-    token into its input slot (gate off, like a clean token), and runs again. Under
-    ``bidirectional-block`` attention a token committed late is then conditioned on block tokens to
-    its right; under causal attention only on those to its left."""
-    if not prompt:
-        raise ValueError("empty prompt")
-    if not 1 <= steps <= block + 1:
-        raise ValueError(f"steps must be in 1..{block + 1}, got {steps}")
-    mask_id = model.cfg.mask_token_id
-    dev = model.embed.weight.device
-    cache = model.new_cache(1, len(prompt) + max_new_tokens + 2 * block + 8)
-    if len(prompt) > 1:
-        model.hidden(torch.tensor(prompt[:-1], device=dev), torch.arange(len(prompt) - 1, device=dev), cache)
-    seq = Sequence(list(prompt))
-    pending = [prompt[-1]]  # committed tokens whose K/V are not in the cache yet
-    start = len(prompt) - 1  # position of pending[0]
-    while len(seq.tokens) < max_new_tokens:
-        c = len(pending)
-        wmask = window_mask(c, block, attention)
-        pos = torch.arange(start, start + c + block, device=dev)
-        target: list[int | None] = [None] * (block + 1)  # x[S..S+block]; x[S+i] is read from row c-1+i
-        q: list[float] = [0.0] * (block + 1)
-        for step in range(steps):
-            slots = [t if t is not None else mask_id for t in target[:block]]  # input at positions S..S+block-1
-            ids = torch.tensor(pending + slots, device=dev)
-            gate = torch.tensor([0.0] * c + [float(t is None) for t in target[:block]], device=dev)
-            h = model.hidden(ids, pos, cache, gate=gate, window_mask=wmask)
-            # only committed text keeps K/V; the pending rows are sent again while the block is open
-            cache.crop(start + c if step == steps - 1 else start)
-            logits = model.logits(h[0, c - 1:])  # anchor row, then the block rows
-            probs = torch.softmax(logits, -1)
-            if temperature > 0:
-                picks = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-            else:
-                picks = logits.argmax(-1)
-            conf = probs.gather(1, picks[:, None])[:, 0]
-            unknown = [i for i, t in enumerate(target) if t is None]
-            k = -(-len(unknown) // (steps - step))
-            for i in sorted(unknown, key=lambda i: -float(conf[i]))[:k]:
-                target[i], q[i] = int(picks[i]), float(conf[i])
-        new = []
-        for j, t in enumerate(target):
-            if len(seq.tokens) >= max_new_tokens:
-                break
-            seq.tokens.append(t)
-            seq.q.append(q[j])
-            seq.position.append(j)
-            new.append(t)
-            if t in eos:
-                return seq
-        start += c
-        pending = new
-    return seq
-
-
 @torch.no_grad()
 def rescore(model: Decoder, seq: Sequence) -> Sequence:
     """Fill in p(x) and argmax agreement with one causal clean pass (gates off) over prompt + output."""
@@ -201,6 +122,6 @@ def measure_iar(model: Decoder, prompts: list[list[int]], block: int, max_new_to
     gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
     seqs = []
     for ids in tqdm(prompts, desc=f"iar B={block} {attention}", disable=not progress, leave=False):
-        s = parallel_decode(model, ids, block, max_new_tokens, attention, eos, temperature, gen, steps)
-        seqs.append(rescore(model, s))
+        d = parallel_decode(model, ids, block, max_new_tokens, attention, eos, temperature, gen, steps)
+        seqs.append(rescore(model, Sequence(d.prompt, d.tokens, d.q, position=d.position)))
     return IARResult(block, attention, seqs, steps)

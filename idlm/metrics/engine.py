@@ -1,17 +1,24 @@
 """Engine-wide counters: what the engine did, summed over requests and steps.
 
 Gauges (running, waiting, KV blocks) are set by the engine after every step; everything else only
-grows. The server exports these (Prometheus); benches read the rates."""
+grows. The draft-verification counters are ``VerifyCounters``, fed the same ``VerifyStep`` as the
+request's own ``DecodeStats``. The server exports these (Prometheus); benches read the rates."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+from .verify import VerifyCounters
 
 MAX_DRAFT_POSITIONS = 7  # stride 8
 
 
+def _per_position() -> list[int]:
+    return [0] * MAX_DRAFT_POSITIONS
+
+
 @dataclass
-class EngineMetrics:
+class EngineMetrics(VerifyCounters):
     # gauges
     running: int = 0  # requests holding KV (prefilling or decoding)
     waiting: int = 0  # requests queued (new or preempted)
@@ -28,41 +35,25 @@ class EngineMetrics:
     prompt_tokens: int = 0  # prompt tokens prefilled (first time)
     recomputed_tokens: int = 0  # tokens prefilled again after a preemption
     generation_tokens: int = 0  # output tokens committed
-    verify_steps: int = 0  # request-steps that checked at least one draft
-    proposed_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT_POSITIONS)  # drafts verified, by position
-    accepted_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT_POSITIONS)  # drafts accepted, by position
-    tested_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT_POSITIONS)  # drafts checked, by position
-    tree_branches: int = 0  # draft-tree branches in verified windows
-    tree_hits: int = 0  # request-steps whose next drafts came from a tree branch
+    # VerifyCounters' per-position counters, summed over request-steps, for every draft position a stride allows
+    proposed_at: list[int] = field(default_factory=_per_position)  # drafts verified, by position
+    tested_at: list[int] = field(default_factory=_per_position)  # drafts checked, by position
+    accepted_at: list[int] = field(default_factory=_per_position)  # drafts accepted, by position
     schedule_s: float = 0.0  # time choosing the batch (scheduler, block allocation)
     prepare_s: float = 0.0  # time building the batch's tensors
     forward_s: float = 0.0  # time in the model (forward and logits)
     postprocess_s: float = 0.0  # time verifying, committing and building outputs
 
-    def record_verify(self, n_specs: int, n_accepted: int) -> None:
-        if n_specs == 0:
-            return
-        self.verify_steps += 1
-        for j in range(n_specs):
-            self.proposed_at[j] += 1
-        for j in range(min(n_specs, n_accepted + 1)):
-            self.tested_at[j] += 1
-        for j in range(n_accepted):
-            self.accepted_at[j] += 1
-
-    def record_tree(self, branches: int, hit: bool) -> None:
-        self.tree_branches += branches
-        self.tree_hits += int(hit)
+    def reset(self) -> None:
+        """Every counter and gauge back to its start value, in place; the pool size stays."""
+        fresh = type(self)(kv_blocks_total=self.kv_blocks_total)
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
 
     @property
     def tpf(self) -> float:
         """Output tokens per request-forward (a forward that served k requests counts k times)."""
         return self.generation_tokens / self.request_forwards if self.request_forwards else 0.0
-
-    @property
-    def acceptance_at(self) -> list[float]:
-        """P(draft j accepted | draft j checked), per draft position."""
-        return [a / t if t else 0.0 for a, t in zip(self.accepted_at, self.tested_at)]
 
     @property
     def kv_usage(self) -> float:

@@ -189,7 +189,7 @@ class Server:
             max_tokens = req.max_tokens
             if max_tokens is None:  # completions: 16; chat: the rest of the context (and of the KV pool)
                 widest = DecodeConfig(stride=MAX_STRIDE, tree=s.config.tree).window  # the widest ISD window it may need
-                pool = engine.engine.blocks.num_total * engine.engine.blocks.block_size - widest
+                pool = engine.kv_capacity_tokens - widest
                 max_tokens = 16 if req.kind == "completion" else max(1, min(s.max_model_len, pool) - len(ids))
             self.check_prompt(ids, max_tokens)
             for k in range(req.n):
@@ -455,9 +455,19 @@ class AuthMiddleware:
 
 
 def build_app(state: ServerState) -> FastAPI:
+    """The app: error handlers, routes, and the bearer-key middleware around them."""
     app = FastAPI(title="idlm", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     srv = Server(state)
-    limit = state.config.max_body_bytes
+    _add_error_handlers(app)
+    _add_info_routes(app, state)
+    _add_generation_routes(app, srv, state.config.max_body_bytes)
+    _add_tokenizer_routes(app, srv, state.config.max_body_bytes)
+    return AuthMiddleware(app, state.config.api_key)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure as the nested OpenAI error shape: ours as raised, routing's as 404 / 405, anything
+    else as a logged 500."""
 
     @app.exception_handler(APIError)
     async def _api_error(_request, e: APIError):
@@ -473,6 +483,10 @@ def build_app(state: ServerState) -> FastAPI:
     async def _internal(_request, e: Exception):
         log.exception("internal error")
         return APIError(500, f"internal error: {type(e).__name__}", code="internal_error").response()
+
+
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
+    """/health, /version, /v1/models, /metrics and the playground page."""
 
     @app.get("/health")
     async def health():
@@ -496,6 +510,14 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse((STATIC / "index.html").read_text())
+
+
+def _add_generation_routes(app: FastAPI, srv: Server, limit: int) -> None:
+    """/v1/completions and /v1/chat/completions (bodies of at most ``limit`` bytes)."""
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await srv.generate(request, parse_completion(await read_json(request, limit)))
@@ -504,16 +526,23 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat(request: Request):
         return await srv.generate(request, parse_chat(await read_json(request, limit)))
 
-    async def object_body(request: Request) -> dict:
-        body = await read_json(request, limit)
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object", None, "invalid_json")
-        srv.engine()  # the tokenizer exists once the engine does
-        return body
+
+async def _object_body(request: Request, srv: Server, limit: int) -> dict:
+    """A JSON object body, once the engine (and so the tokenizer) exists."""
+    body = await read_json(request, limit)
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_json")
+    srv.engine()  # the tokenizer exists once the engine does
+    return body
+
+
+def _add_tokenizer_routes(app: FastAPI, srv: Server, limit: int) -> None:
+    """/tokenize, /detokenize and /tokenizer_info (vLLM's shapes)."""
+    state = srv.s
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        body = await object_body(request)
+        body = await _object_body(request, srv, limit)
         if "messages" in body:
             from .protocol import _messages
 
@@ -533,7 +562,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        body = await object_body(request)
+        body = await _object_body(request, srv, limit)
         from .protocol import _token_ids
 
         ids = _token_ids(body.get("tokens"), "tokens")
@@ -548,9 +577,3 @@ def build_app(state: ServerState) -> FastAPI:
         return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
                 "pad_token": tok.pad_token, "chat_template": getattr(tok, "chat_template", None),
                 "model_max_length": state.max_model_len}
-
-    @app.get("/", response_class=HTMLResponse)
-    async def playground():
-        return HTMLResponse((STATIC / "index.html").read_text())
-
-    return AuthMiddleware(app, state.config.api_key)

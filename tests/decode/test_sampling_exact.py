@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from idlm.config import SamplingParams
-from idlm.decode import isd_step, target_probs
+from idlm.decode import StepSettings, WindowLogits, isd_step, target_probs
 from idlm.decode.isd import propose
 
 CRIT_DF5_1E6 = 35.9  # chi-square(5) quantile at 1 - 1e-6
@@ -32,8 +32,8 @@ def first_token_counts(anchor: torch.Tensor, draft: torch.Tensor, params: Sampli
     counts = torch.zeros(anchor.shape[-1])
     for _ in range(TRIALS):
         state = propose(draft[None], params, mode, g)
-        step = isd_step(torch.cat([anchor[None], anchor[None], draft[None]]), state, 1,
-                        params, mode, g)
+        step = isd_step(WindowLogits(torch.cat([anchor[None], anchor[None], draft[None]])), state,
+                        StepSettings(1, params, mode, g))
         counts[step.emitted[0]] += 1
     return counts
 
@@ -108,8 +108,8 @@ def test_coupled_mode_matches_anchor_distribution_and_accepts_often() -> None:
     for seed in range(TRIALS):
         noise = KeyedNoise(seed, len(ANCHOR))
         state = propose(DRAFT[None], params, "coupled", None, noise, 1)
-        step = isd_step(torch.cat([ANCHOR[None], ANCHOR[None], DRAFT[None]]), state, 1, params,
-                        "coupled", None, noise=noise, index=1)
+        step = isd_step(WindowLogits(torch.cat([ANCHOR[None], ANCHOR[None], DRAFT[None]])), state,
+                        StepSettings(1, params, "coupled", None, noise=noise, index=1))
         counts[step.emitted[0]] += 1
         accepted += step.verdict.accepted
     assert chi_square(counts, p) < CRIT_DF5_1E6

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from idlm.config import SamplingParams
-from idlm.decode import ISDState, isd_step, verify_greedy, verify_sampled
+from idlm.decode import ISDState, StepSettings, WindowLogits, isd_step, verify_greedy, verify_sampled
 
 V = 10
 GREEDY = SamplingParams(temperature=0.0)
@@ -24,7 +24,7 @@ def window_logits(anchor: list[int], clean: int, drafts: list[int]) -> torch.Ten
 
 def test_greedy_accept_all_emits_specs_then_clean() -> None:
     state = ISDState(pending=1, specs=[2, 3, 4])
-    step = isd_step(window_logits([2, 3, 4], clean=5, drafts=[6, 7, 8]), state, 3, GREEDY)
+    step = isd_step(WindowLogits(window_logits([2, 3, 4], clean=5, drafts=[6, 7, 8])), state, StepSettings(3, GREEDY))
     assert step.emitted == [2, 3, 4, 5]
     assert step.kept == 4  # pending + 3 specs
     assert step.verdict.accepted == 3 and step.verdict.correction is None
@@ -33,7 +33,7 @@ def test_greedy_accept_all_emits_specs_then_clean() -> None:
 
 def test_greedy_reject_first_emits_correction_only() -> None:
     state = ISDState(pending=1, specs=[2, 3, 4])
-    step = isd_step(window_logits([9, 3, 4], clean=5, drafts=[6, 7, 8]), state, 3, GREEDY)
+    step = isd_step(WindowLogits(window_logits([9, 3, 4], clean=5, drafts=[6, 7, 8])), state, StepSettings(3, GREEDY))
     assert step.emitted == [9]
     assert step.kept == 1
     assert step.next_state.pending == 9 and step.next_state.specs == []  # forced cold step next
@@ -43,7 +43,8 @@ def test_greedy_reject_at_j() -> None:
     for j in range(3):
         anchor = [2, 3, 4]
         anchor[j] = 0
-        step = isd_step(window_logits(anchor, clean=5, drafts=[6, 7, 8]), ISDState(1, [2, 3, 4]), 3, GREEDY)
+        step = isd_step(WindowLogits(window_logits(anchor, clean=5, drafts=[6, 7, 8])), ISDState(1, [2, 3, 4]),
+                        StepSettings(3, GREEDY))
         assert step.emitted == [2, 3, 4][:j] + [0]
         assert step.kept == 1 + j
         assert step.verdict.accepted == j and step.verdict.correction == 0
@@ -51,7 +52,7 @@ def test_greedy_reject_at_j() -> None:
 
 
 def test_cold_step_emits_clean_and_proposes() -> None:
-    step = isd_step(onehot_rows([5, 6, 7]), ISDState(pending=4), 2, GREEDY)
+    step = isd_step(WindowLogits(onehot_rows([5, 6, 7])), ISDState(pending=4), StepSettings(2, GREEDY))
     assert step.emitted == [5] and step.kept == 1
     assert step.next_state.specs == [6, 7]
 

@@ -276,3 +276,19 @@ def test_drafted_flags_count_the_accepted_drafts() -> None:
     stats = eng.completion(rid).stats
     accepted = sum(stats.accepted_at)  # the last step's tokens past max_new_tokens are dropped
     assert len(flags) == 60 and 0 < accepted - 3 <= sum(flags) <= accepted
+
+
+def test_kv_capacity_and_reset_metrics_in_place() -> None:
+    """The engine's public face: the pool's size in tokens, and counters zeroed in place (the window
+    policy and a Prometheus collector hold the same object), the pool size kept."""
+    from idlm.engine import AsyncEngine
+    from idlm.metrics import EngineMetrics
+
+    eng = engine(tiny_model(seed=1), num_blocks=64, block_size=4)
+    assert eng.kv_capacity_tokens == eng.blocks.num_total * 4 == AsyncEngine(eng).kv_capacity_tokens
+    held = eng.metrics
+    eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=5, ignore_eos=True), DecodeConfig(stride=3))
+    assert held.steps > 0 and held.generation_tokens == 5 and held.finished == {"length": 1}
+    AsyncEngine(eng).reset_metrics()
+    assert eng.metrics is held is eng.stride_policy.metrics
+    assert held == EngineMetrics(kv_blocks_total=eng.blocks.num_total)

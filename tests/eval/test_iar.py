@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idlm.eval.iar import IARResult, Sequence, iar_of, measure_iar, parallel_decode, window_mask
+from idlm.decode.draft_only import parallel_decode, window_mask
+from idlm.eval.iar import IARResult, Sequence, iar_of, measure_iar
 from idlm.model import load_folder
 from idlm.model.lora import add_lora
 from idlm.train.batch import Sample, collate

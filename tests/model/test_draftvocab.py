@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from idlm.config import DecodeConfig, SamplingParams
-from idlm.decode import ar_generate, isd_generate, isd_step, target_probs
+from idlm.decode import StepSettings, WindowLogits, ar_generate, isd_generate, isd_step, target_probs
 from idlm.decode.isd import propose
 from idlm.engine import EngineConfig, LLMEngine
 from idlm.model import draftvocab
@@ -80,7 +80,8 @@ def test_sampled_drafts_outside_the_draft_vocabulary_keep_sampling_exact() -> No
     for _ in range(TRIALS):
         state = propose(draft[None], params, "exact", g)
         assert state.specs[0] not in (0, 4)
-        step = isd_step(torch.cat([ANCHOR[None], ANCHOR[None], draft[None]]), state, 1, params, "exact", g)
+        step = isd_step(WindowLogits(torch.cat([ANCHOR[None], ANCHOR[None], draft[None]])), state,
+                        StepSettings(1, params, "exact", g))
         counts[step.emitted[0]] += 1
     assert chi_square(counts, target_probs(ANCHOR, params)) < CRIT_DF5_1E6
 

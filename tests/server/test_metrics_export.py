@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from idlm.metrics import EngineMetrics
+from idlm.metrics import EngineMetrics, VerifyStep
 from idlm.server.metrics import ServerMetrics
 
 
@@ -17,10 +17,8 @@ def _value(text: str, name: str) -> float:
 
 def test_engine_counters_including_draft_trees_are_exported():
     m = EngineMetrics(steps=7, generation_tokens=20, prompt_tokens=11)
-    m.record_verify(3, 2)
-    m.record_verify(3, 0)
-    m.record_tree(2, True)
-    m.record_tree(1, False)
+    m.record(VerifyStep(3, 2, tree_branches=2, tree_hit=True))
+    m.record(VerifyStep(3, 0, tree_branches=1, tree_hit=False))
     text = ServerMetrics("tiny", lambda: m).render().decode()
     assert _value(text, "idlm:num_forwards_total") == 7
     assert _value(text, "idlm:generation_tokens_total") == 20
