@@ -10,7 +10,6 @@ from .isd import (
                   WindowLogits,
                   ar_generate,
                   build_window,
-                  generate,
                   isd_generate,
                   isd_step,
                   randomness,
@@ -20,5 +19,5 @@ from .stop import StopRule
 from .verify import Verdict, verify_greedy, verify_keyed, verify_sampled
 
 __all__ = ["DecodeResult", "ISDState", "KeyedNoise", "StepResult", "StepSettings", "StopRule", "Verdict", "Window",
-           "WindowLogits", "ar_generate", "build_window", "generate", "isd_generate", "isd_step", "next_token",
+           "WindowLogits", "ar_generate", "build_window", "isd_generate", "isd_step", "next_token",
            "pick", "randomness", "target_probs", "verify_greedy", "verify_keyed", "verify_sampled"]

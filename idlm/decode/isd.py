@@ -426,10 +426,3 @@ def ar_generate(model: Decoder, prompt: list[int], params: SamplingParams,
     stats.tokens = len(tokens)
     stats.seconds = time.perf_counter() - t_start
     return DecodeResult(tokens, finish or "length", stats)
-
-
-def generate(model: Decoder, prompt: list[int], cfg: DecodeConfig, params: SamplingParams) -> DecodeResult:
-    """Dispatch on cfg.mode."""
-    if cfg.mode == "ar":
-        return ar_generate(model, prompt, params, sampling_mode=cfg.sampling_mode)
-    return isd_generate(model, prompt, cfg, params)

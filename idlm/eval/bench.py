@@ -172,7 +172,7 @@ def run_engine(lm: LoadedModel, prompts: list[list[int]], cfg: DecodeConfig, par
     res = RunResult(cfg.mode, stride, cfg.fallback if cfg.mode == "isd" else False, concurrency, cfg.tree)
     eng = LLMEngine(lm.model, replace(engine_cfg, max_running=concurrency), cost=cost)
     eng.generate([prompts[0][:16]], SamplingParams(max_new_tokens=4), cfg)  # warm-up, not timed
-    eng.metrics.__init__(kv_blocks_total=eng.blocks.num_total)
+    eng.reset_metrics()
     eng.stride_policy.chosen.clear()
     n = len(prompts)
     res.outputs, res.latencies, res.stats = [[]] * n, [0.0] * n, [DecodeStats()] * n

@@ -177,7 +177,7 @@ class Server:
                 out.append((list(p), s.tokenizer.decode(list(p))))
         return out
 
-    async def generate(self, request: Request, req: GenerationRequest):
+    async def respond(self, request: Request, req: GenerationRequest):
         s = self.s
         engine = self.engine()
         self.check_model(req.model)
@@ -520,11 +520,11 @@ def _add_generation_routes(app: FastAPI, srv: Server, limit: int) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await srv.generate(request, parse_completion(await read_json(request, limit)))
+        return await srv.respond(request, parse_completion(await read_json(request, limit)))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await srv.generate(request, parse_chat(await read_json(request, limit)))
+        return await srv.respond(request, parse_chat(await read_json(request, limit)))
 
 
 async def _object_body(request: Request, srv: Server, limit: int) -> dict:

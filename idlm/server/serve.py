@@ -52,7 +52,7 @@ def load_into(state: ServerState, server: DrainingServer | None = None) -> None:
         from ..config import SamplingParams
 
         engine.generate([tok("warm up")["input_ids"][:4] or [0]], SamplingParams(max_new_tokens=4))
-        engine.metrics.__init__(kv_blocks_total=engine.blocks.num_total)
+        engine.reset_metrics()
         state.tokenizer = tok
         state.vocab_size = lm.model.cfg.vocab_size
         state.max_model_len = engine.max_model_len
