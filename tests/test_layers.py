@@ -1,5 +1,6 @@
-"""The package's import graph, parsed from the source (every import, at module level or inside a function):
-no circle between modules, and no import from a lower layer to a higher one. Adding one fails here."""
+"""House rules, read from the source: the import graph (every import, at module level or inside a function) has
+no circle between modules and no import from a lower layer to a higher one, and no function is over 60 lines.
+Breaking one fails here."""
 
 from __future__ import annotations
 
@@ -125,3 +126,17 @@ def test_the_checks_catch_a_circle_and_an_upward_import() -> None:
             test_imports_only_go_down("idlm.model.rope")
     finally:
         GRAPH["idlm.model.rope"].discard("idlm.engine.engine")
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_over_60_lines() -> None:
+    long = []
+    for mod, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{mod}.{node.name}: {n} lines")
+    assert long == []
